@@ -1,0 +1,146 @@
+"""A timm backbone: creation, weights (hub tag or local file), preprocessing and its block partition.
+
+The backbone is created with `num_classes=0`, so it returns pooled features; thawlab's head sits on top.
+Blocks come from timm's model-agnostic `group_matcher` (stem, blocks..., top), never from per-architecture
+layer lists.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import warnings
+from collections import OrderedDict
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from thawlab.errors import ThawlabError, did_you_mean
+
+log = logging.getLogger(__name__)
+HUB_HOST = ("huggingface.co", 443)
+
+
+def check_name(name: str) -> None:
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise ThawlabError(f"unknown backbone.name {name!r}{did_you_mean(arch, timm.list_models())}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def create_backbone(name: str, pretrained, kwargs: dict | None = None) -> nn.Module:
+    """pretrained: False (random init), True (the timm hub tag) or a path to a local weights file."""
+    check_name(name)
+    kwargs = dict(kwargs or {})
+    if pretrained is False or pretrained is None:
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if pretrained is True:
+        if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+            raise ThawlabError(
+                f"backbone.pretrained=true needs the hub weights of {name!r} from huggingface.co, which cannot "
+                f"be reached: put a weights file on this machine and pass backbone.pretrained=/path/to/file "
+                f"(or set HF_HUB_OFFLINE=1 to use the local hub cache)")
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except Exception as e:  # offline cache miss, no weights for this tag, ...
+            raise ThawlabError(f"backbone.pretrained=true: no hub weights for {name!r} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); pass a local file as "
+                               f"backbone.pretrained=/path/to/file") from None
+    path = os.path.expanduser(str(pretrained))
+    if not os.path.isfile(path):
+        raise ThawlabError(f"backbone.pretrained: weights file {str(pretrained)!r} does not exist "
+                           f"(false, true, source or a path to a weights file)")
+    # timm drops the classifier (num_classes differs) and adapts the input channels
+    model = timm.create_model(name, pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=path), **kwargs)
+    _check_all_loaded(model, path, name)
+    return model
+
+
+def _load_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def _check_all_loaded(model: nn.Module, path: str, name: str) -> None:
+    """timm loads non-strictly once it drops the classifier: check every backbone tensor came from the file."""
+    keys = set(_load_file(path))
+    missing = [k for k in model.state_dict() if k not in keys and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ThawlabError(f"backbone.pretrained: {path!r} does not fit {name!r}: {len(missing)} tensors missing "
+                           f"(first: {missing[0]})")
+
+
+def data_config(model: nn.Module) -> dict:
+    """The preprocessing the weights expect (timm's pretrained config): mean, std, input size."""
+    return timm.data.resolve_model_data_config(model)
+
+
+def block_groups(model: nn.Module, coarse: bool = True) -> "OrderedDict[str, list[str]]":
+    """Parameter names of the backbone in groups, in forward order: stem, blocks..., top.
+
+    Group names are the module path the group's parameters share (layer1, blocks.3, stages.2, norm);
+    the first is called stem. A model without a group matcher falls back, with a warning, to one group per
+    top-level child module.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    try:
+        matcher = model.group_matcher(coarse=coarse)
+    except (AttributeError, NotImplementedError):
+        matcher = None
+    if matcher is None:
+        warnings.warn(f"{type(model).__name__} has no timm group_matcher: one group per top-level module")
+        grouped = OrderedDict()
+        for n in names:
+            grouped.setdefault(n.split(".")[0], []).append(n)
+        return grouped
+    if isinstance(matcher, dict):
+        _warn_unmatched(names, matcher)
+    by_id = group_parameters(model, matcher)
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for i, gid in enumerate(sorted(by_id)):
+        params = by_id[gid]
+        label = "stem" if i == 0 else (_common_prefix(params) or ("top" if i == len(by_id) - 1 else f"group{i}"))
+        while label in groups:
+            label += "_"
+        groups[label] = params
+    return groups
+
+
+def _warn_unmatched(names: list[str], matcher: dict) -> None:
+    patterns = []
+    for spec in matcher.values():
+        if spec is None:
+            continue
+        patterns += [s[0] for s in spec] if isinstance(spec, (list, tuple)) else [spec]
+    unmatched = [n for n in names if not any(re.match(p, n) for p in patterns)]
+    if unmatched:
+        warnings.warn(f"timm group_matcher left {len(unmatched)} parameters unmatched; they join the last group "
+                      f"(first: {unmatched[0]})")
+
+
+def _common_prefix(params: list[str]) -> str:
+    parts = [p.split(".")[:-1] for p in params]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)

@@ -1,0 +1,103 @@
+"""thawlab's own pretraining on a data set's source task (backbone.pretrained=source).
+
+No machine here reaches a model hub, so the embedded benchmark pretrains its backbone itself: full training
+from random init on the source task, run once and cached under `cache_dir/pretrain/<arch>-<key>`, where the key
+hashes everything that determines the weights (architecture, timm kwargs, source data, recipe, input size).
+Concurrent sweep jobs wait on a file lock instead of pretraining twice. The weights file is a plain timm state
+dict, source classifier included, so it loads with `pretrained_cfg_overlay=dict(file=...)` like any local file.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from thawlab.build import build_datamodule, build_module, build_net, build_trainer, console
+from thawlab.results import atomic_write_json
+from thawlab.schedules import Phase
+
+RECIPE_VERSION = 1  # bump when the pretraining code changes what it produces
+WEIGHTS, META = "weights.safetensors", "meta.json"
+
+
+def cache_key(cfg: DictConfig) -> str:
+    spec = {"version": RECIPE_VERSION, "backbone": cfg.backbone.name,
+            "kwargs": OmegaConf.to_container(cfg.backbone.kwargs, resolve=True),
+            "source": OmegaConf.to_container(cfg.data.source, resolve=True),
+            "pretrain": OmegaConf.to_container(cfg.data.pretrain, resolve=True), "img_size": cfg.data.img_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() / "pretrain" / f"{cfg.backbone.name}-{cache_key(cfg)}"
+
+
+def source_weights(cfg: DictConfig, force: bool = False) -> Path:
+    """Path of the cached source-pretrained weights for this config, pretraining first if needed."""
+    if "source" not in cfg.data:
+        from thawlab.errors import ThawlabError
+
+        raise ThawlabError(f"backbone.pretrained=source: data {cfg.data._target_!r} has no source task; "
+                           f"use true (hub), false or a weights file")
+    d = cache_dir(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (d / "done").exists() and not force:
+            meta = json.loads((d / META).read_text())
+            console.print(f"pretrained source weights: {d / WEIGHTS} (cached; source test acc "
+                          f"{100 * meta['source_test_acc']:.1f}%)")
+            return d / WEIGHTS
+        (d / "done").unlink(missing_ok=True)
+        _pretrain(cfg, d)
+        (d / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    return d / WEIGHTS
+
+
+def _pretrain(cfg: DictConfig, out: Path) -> None:
+    p = cfg.data.pretrain
+    console.print(f"[bold]pretraining {cfg.backbone.name} on the source task of {cfg.data._target_.rsplit('.', 1)[-1]}[/] "
+                  f"({p.epochs} epochs, once; cached in {out})")
+    start = time.time()
+    with torch.random.fork_rng():
+        L.seed_everything(p.seed, workers=True, verbose=False)
+        dm = build_datamodule(cfg.data, None, task="source")
+        net, preprocess = build_net(_linear_head(cfg), dm.num_classes, pretrained=False)
+        dm.preprocess = preprocess
+        everything = Phase("pretrain", p.epochs, tuple(net.groups), {}, "train")
+        module = build_module(_pretrain_cfg(cfg), net, dm, phases=[everything])
+        trainer = build_trainer(cfg.trainer, None, False, max_epochs=p.epochs, limit_train_batches=None,
+                                limit_val_batches=None, limit_test_batches=None)
+        trainer.fit(module, datamodule=dm)
+        trainer.test(module, datamodule=dm, verbose=False)
+    acc = module.computed["test"]["test/id/acc"]
+    classifier = net.backbone.pretrained_cfg.get("classifier", "fc")
+    state = {k: v.contiguous() for k, v in net.backbone.state_dict().items()}
+    state.update({f"{classifier}.weight": net.head.fc.weight.detach().contiguous(),
+                  f"{classifier}.bias": net.head.fc.bias.detach().contiguous()})
+    save_file(state, str(out / WEIGHTS))
+    atomic_write_json(out / META, {"backbone": cfg.backbone.name, "source_classes": dm.num_classes,
+                                   "source_test_acc": acc, "seconds": round(time.time() - start, 1),
+                                   "config": OmegaConf.to_container(cfg.data, resolve=True)})
+    console.print(f"pretraining done in {time.time() - start:.0f}s: source test acc {100 * acc:.1f}%")
+
+
+def _linear_head(cfg: DictConfig) -> DictConfig:
+    """The source head is linear whatever head the fine-tuning uses: it becomes timm's own classifier."""
+    c = cfg.copy()
+    OmegaConf.set_struct(c, False)
+    c.head = {"_target_": "thawlab.heads.LinearHead"}
+    return c
+
+
+def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
+                                               "weight_decay": cfg.data.pretrain.weight_decay,
+                                               "schedule": "cosine", "warmup_epochs": 0.0}})

@@ -1,0 +1,150 @@
+"""`thawlab-train`: the Hydra entry point. Compose, build, fit phase by phase, test the checkpoint selected on
+ID validation on every set, write results.json (and `done` last)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from thawlab import config
+from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, console
+from thawlab.build import print_metrics, print_partition
+from thawlab.errors import ThawlabError
+from thawlab.loggers import finish_wandb
+from thawlab.results import RunRecord
+
+
+def conf_dir() -> str:
+    """conf/ inside the installed package (a wheel carries it), else the checkout's top-level conf/."""
+    packaged = Path(__file__).parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed)
+    module, failed = None, True
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        pretrained = cfg.backbone.pretrained
+        if pretrained == "source":
+            from thawlab.pretrain import source_weights
+
+            pretrained = str(source_weights(cfg))
+        dm = build_datamodule(cfg.data, None)
+        net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained)
+        console.print(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
+        module = build_module(cfg, net, dm)
+        print_partition(net, module.phases)
+        logger = instantiate(cfg.logger, save_dir=str(run_dir), name=_job_name(), group=_group(), _recursive_=False,
+                             run_config=record.payload["config"])
+        trainer = build_trainer(cfg.trainer, run_dir, logger)
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
+        best = trainer.checkpoint_callback.best_model_path
+        trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
+        metrics = module.computed["test"]
+        selection = {"rule": f"{SELECT[1]} {SELECT[0]}", "checkpoint": os.path.relpath(best, run_dir),
+                     "value": _float(trainer.checkpoint_callback.best_model_score),
+                     "epoch": torch.load(best, map_location="cpu", weights_only=True)["epoch"]}
+        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace)
+        print_metrics(metrics)
+        console.print(f"results: {run_dir / 'results.json'}")
+        failed = False
+        return metrics
+    except BaseException as e:
+        record.fail(e, trace=module.trace if module else [])
+        raise
+    finally:
+        finish_wandb(failed)
+
+
+def pretrain(cfg: DictConfig) -> None:
+    """experiment=pretrain_source: (re)run the source pretraining of this backbone and data, refresh the cache."""
+    from thawlab.pretrain import source_weights
+
+    source_weights(cfg, force=True)
+
+
+def _float(x):
+    return None if x is None else float(x)
+
+
+def _job_name() -> str:
+    hc = HydraConfig.get()
+    return hc.job.override_dirname or hc.job.name
+
+
+def _group() -> str:
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else "single"
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+def _hydra_main(cfg: DictConfig):
+    try:
+        if cfg.task == "pretrain":
+            return pretrain(cfg)
+        if cfg.task != "finetune":
+            raise ThawlabError(f"task={cfg.task!r} is not one of finetune, pretrain")
+        return train(cfg)
+    except ThawlabError as e:
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise  # the sweep reports it and goes on
+        _exit_with(str(e))  # here, not after Hydra has printed its own "Error executing job" line
+
+
+def _exit_with(message: str) -> None:
+    print(f"thawlab-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point: bad input is one line on stderr and exit status 2, never a traceback."""
+    config.register()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, rather than Hydra's multi-line report
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        message = user_error(e)
+        if message is None:
+            raise
+        _exit_with(message)
+
+
+def user_error(e: BaseException) -> str | None:
+    """One line for an error in the user's input; None for a bug (which keeps its traceback)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from thawlab.errors import did_you_mean
+
+    if isinstance(e, ThawlabError):
+        return str(e)
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        options = [o for o in (e.options or []) if not o.endswith("_schema")]
+        if group:
+            return f"unknown {group} {option!r} (choose from {', '.join(options)}){did_you_mean(option, options)}"
+        return str(e).splitlines()[0]
+    cause = e.__cause__ if isinstance(e, ConfigCompositionException) and e.__cause__ else e
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        msg = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
+        return f"{key}: {msg}" if key else msg
+    if isinstance(e, (ConfigCompositionException, OverrideParseException)):
+        return " ".join(str(e).split())
+    return None
+
+
+if __name__ == "__main__":
+    main()
