@@ -125,15 +125,19 @@ def block_groups(model: nn.Module, coarse: bool = True) -> "OrderedDict[str, lis
 
 
 def _warn_unmatched(names: list[str], matcher: dict) -> None:
+    """timm puts parameters its matcher misses into the last group (timm #2712). That is right for the layers
+    after the last block (ConvNeXt's head.norm); for a parameter that runs earlier it breaks forward order."""
     patterns = []
     for spec in matcher.values():
         if spec is None:
             continue
         patterns += [s[0] for s in spec] if isinstance(spec, (list, tuple)) else [spec]
-    unmatched = [n for n in names if not any(re.match(p, n) for p in patterns)]
-    if unmatched:
-        warnings.warn(f"timm group_matcher left {len(unmatched)} parameters unmatched; they join the last group "
-                      f"(first: {unmatched[0]})")
+    matched = [any(re.match(p, n) for p in patterns) for n in names]
+    last_matched = max((i for i, m in enumerate(matched) if m), default=-1)
+    early = [n for i, n in enumerate(names) if not matched[i] and i < last_matched]
+    if early:
+        warnings.warn(f"timm group_matcher left {len(early)} parameters that run before the last block unmatched; "
+                      f"they join the top group (first: {early[0]})")
 
 
 def _common_prefix(params: list[str]) -> str:

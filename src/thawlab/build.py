@@ -11,13 +11,24 @@ from rich.console import Console
 from rich.table import Table
 
 from thawlab import backbone as bb
+from thawlab import schedules
 from thawlab.data.digits import Preprocess
 from thawlab.model import ThawNet
-from thawlab.module import FineTuner
-from thawlab.schedules import build_phases
+from thawlab.errors import ThawlabError, did_you_mean
+from thawlab.module import OPTIMIZERS, FineTuner
 
 console = Console(stderr=True)
 SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
+    bb.check_name(cfg.backbone.name)
+    schedules.check(cfg.schedule, cfg.trainer.max_epochs)
+    for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+                                ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
+        if value not in choices:
+            raise ThawlabError(f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
 
 
 def build_net(cfg: DictConfig, num_classes: int, pretrained) -> tuple[ThawNet, Preprocess]:
@@ -40,7 +51,7 @@ def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "
 
 def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     dm.setup("fit")
-    phases = phases or build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs)
+    phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs)
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")})
 

@@ -19,6 +19,14 @@ from thawlab.model import ThawNet
 from thawlab.schedules import Phase, lr_factor, phase_at
 
 
+# optimizer.name -> constructor over the named parameter groups
+OPTIMIZERS = {
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"]),
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
+                                             weight_decay=c["weight_decay"]),
+}
+
+
 class FineTuner(L.LightningModule):
     def __init__(self, net: ThawNet, phases: list[Phase], optimizer: dict, num_classes: int,
                  eval_sets: dict[str, list[str]]):
@@ -56,14 +64,7 @@ class FineTuner(L.LightningModule):
     def configure_optimizers(self):
         groups = [{"params": ps, "name": g} for g, ps in self.net.named_group_parameters().items()]
         c = self.opt_cfg
-        if c["name"] == "adamw":
-            opt = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"])
-        elif c["name"] == "sgd":
-            opt = torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
-        else:
-            from thawlab.errors import ThawlabError
-
-            raise ThawlabError(f"optimizer.name={c['name']!r} is not one of adamw, sgd")
+        opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch,
                                      shape=c["schedule"], warmup_epochs=c["warmup_epochs"]) for g in groups]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from thawlab.errors import ThawlabError, did_you_mean
 
 BN_POLICIES = ("train", "eval", "frozen")
+LR_SHAPES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ def gradual(groups, epochs, s):
 STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft}
 
 
-def build_phases(schedule_cfg, groups: list[str], epochs: int) -> list[Phase]:
-    """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head')."""
+def check(schedule_cfg, epochs: int) -> None:
+    """What can be checked before a model exists: runs call this first, so bad input fails in seconds."""
     name = schedule_cfg.name
     if name not in STRATEGIES:
         raise ThawlabError(f"unknown schedule {name!r} (choose from {', '.join(STRATEGIES)})"
@@ -79,7 +80,12 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int) -> list[Phase]:
         raise ThawlabError(f"schedule.bn={schedule_cfg.bn!r} is not one of {', '.join(BN_POLICIES)}")
     if epochs < 1:
         raise ThawlabError(f"trainer.max_epochs={epochs} must be at least 1")
-    phases = STRATEGIES[name](groups, epochs, schedule_cfg)
+
+
+def build_phases(schedule_cfg, groups: list[str], epochs: int) -> list[Phase]:
+    """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head')."""
+    check(schedule_cfg, epochs)
+    phases = STRATEGIES[schedule_cfg.name](groups, epochs, schedule_cfg)
     assert sum(p.epochs for p in phases) == epochs, phases
     return phases
 
@@ -111,5 +117,5 @@ def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, 
     elif shape == "constant":
         shape_f = 1.0
     else:
-        raise ThawlabError(f"optimizer.schedule={shape!r} is not one of cosine, constant")
+        raise ThawlabError(f"optimizer.schedule={shape!r} is not one of {', '.join(LR_SHAPES)}")
     return phase.lr_mult.get(group, 1.0) * shape_f

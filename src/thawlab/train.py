@@ -7,15 +7,11 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from thawlab import config
-from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, console
-from thawlab.build import print_metrics, print_partition
 from thawlab.errors import ThawlabError
 from thawlab.loggers import finish_wandb
 from thawlab.results import RunRecord
@@ -28,10 +24,19 @@ def conf_dir() -> str:
 
 
 def train(cfg: DictConfig) -> dict:
+    # torch, lightning and timm are imported here, not at the top: `--help`, `--cfg` and config errors
+    # answer in a second instead of the five that importing them takes
+    import lightning as L
+    import torch
+
+    from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, check_config
+    from thawlab.build import console, print_metrics, print_partition
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed)
     module, failed = None, True
     try:
+        check_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
@@ -43,7 +48,8 @@ def train(cfg: DictConfig) -> dict:
         console.print(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
         print_partition(net, module.phases)
-        logger = instantiate(cfg.logger, save_dir=str(run_dir), name=_job_name(), group=_group(), _recursive_=False,
+        make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
+        logger = make_logger(save_dir=str(run_dir), name=_job_name(), group=_group(),
                              run_config=record.payload["config"])
         trainer = build_trainer(cfg.trainer, run_dir, logger)
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -68,8 +74,10 @@ def train(cfg: DictConfig) -> dict:
 
 def pretrain(cfg: DictConfig) -> None:
     """experiment=pretrain_source: (re)run the source pretraining of this backbone and data, refresh the cache."""
+    from thawlab.build import check_config
     from thawlab.pretrain import source_weights
 
+    check_config(cfg)
     source_weights(cfg, force=True)
 
 

@@ -1,0 +1,80 @@
+"""Shared test helpers: compose the real configs and run real (short) trainings in temporary directories."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from thawlab import config
+from thawlab.results import read_results
+from thawlab.train import conf_dir, train
+
+TRAIN = str(Path(sys.executable).parent / "thawlab-train")
+# fast, deterministic defaults for every test run; tests add their own overrides after these
+BASE = ["debug=smoke", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One pretraining cache for the whole session: the smoke pretraining runs once."""
+    return str(tmp_path_factory.mktemp("thawlab-cache"))
+
+
+def compose_cfg(overrides: list[str], run_dir: Path | None = None):
+    config.register()
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=run_dir is not None)
+    if run_dir is None:
+        return cfg
+    with open_dict(cfg):  # what Hydra's run_job fills in before calling the task function
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.override_dirname = ",".join(overrides)
+        cfg.hydra.job.name = "test"
+        cfg.hydra.mode = "RUN"
+    HydraConfig.instance().set_config(cfg)
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.set_struct(task_cfg, True)
+    return task_cfg
+
+
+@pytest.fixture
+def run(tmp_path, cache_dir):
+    """run(*overrides) -> results.json of a real in-process training in a fresh directory."""
+    counter = iter(range(1000))
+
+    def _run(*overrides: str, smoke: bool = True) -> dict:
+        run_dir = tmp_path / f"run{next(counter)}"
+        base = BASE if smoke else BASE[1:]
+        cfg = compose_cfg([*base, f"cache_dir={cache_dir}", *overrides], run_dir)
+        train(cfg)
+        out = read_results(run_dir)
+        out["run_dir"] = run_dir
+        return out
+
+    return _run
+
+
+def add_callbacks(monkeypatch, *callbacks) -> None:
+    """Every Trainer that train() builds from now on also runs these callbacks (a test's probes)."""
+    import thawlab.build as build
+
+    real = build.build_trainer
+
+    def with_callbacks(*a, **kw):
+        trainer = real(*a, **kw)
+        trainer.callbacks.extend(callbacks)
+        return trainer
+
+    monkeypatch.setattr(build, "build_trainer", with_callbacks)
+
+
+def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | None = None):
+    """thawlab-train as a user runs it: a subprocess, with its exit code and its streams."""
+    e = {**os.environ, "THAWLAB_CACHE": cache, "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)

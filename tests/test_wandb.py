@@ -1,0 +1,25 @@
+"""W&B: a real offline run in the run directory whose logged test metrics equal results.json."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wandb_log import summary_and_history
+
+
+def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", os.devnull)
+    r = run("logger=wandb", "schedule=lp_ft", "trainer.max_epochs=2")
+    assert os.environ.get("WANDB_MODE") is None, "offline mode must not leak into later jobs"
+    files = list((r["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    summary, history, config, group = summary_and_history(files[0])
+    for key in ("test/id/acc", "test/ood/printed/acc", "test/ood/corrupt_s5/acc", "test/ood/mean/acc"):
+        assert summary[key] == pytest.approx(r["metrics"][key], abs=1e-6), key
+    logged = {k for row in history for k in row}
+    assert {"val/id/acc", "val/ood/printed/acc", "train/loss_step", "lr/head"} <= logged
+    assert config["schedule"]["name"] == "lp_ft" and group == "single"
