@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,14 @@ def test_cli_run_and_failure_marks_failed(tmp_path, cache_dir):
     assert bad.returncode == 2 and "lp_epochs" in bad.stderr
     assert json.loads((tmp_path / "bad" / "results.json").read_text())["status"] == "failed"
     assert not (tmp_path / "bad" / "done").exists()
+
+
+def test_experiment_pretrain_source_reruns_the_cached_pretraining(tmp_path, cache_dir, run):
+    run("schedule=frozen", "trainer.max_epochs=1")  # makes sure the smoke pretraining is cached
+    (meta,) = Path(cache_dir).glob("pretrain/test_resnet-*/meta.json")
+    before = meta.stat().st_mtime_ns
+    r = cli("experiment=pretrain_source", "debug=smoke", f"hydra.run.dir={tmp_path}/pre", cwd=tmp_path,
+            cache=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretraining done" in r.stderr and meta.stat().st_mtime_ns > before
+    assert (meta.parent / "done").exists() and (meta.parent / "weights.safetensors").exists()
