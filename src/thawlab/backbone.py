@@ -98,7 +98,7 @@ def block_groups(model: nn.Module, coarse: bool = True) -> "OrderedDict[str, lis
 
     Group names are the module path the group's parameters share (layer1, blocks.3, stages.2, norm);
     the first is called stem. A model without a group matcher falls back, with a warning, to one group per
-    top-level child module.
+    top-level child module. No group is called "head": that name belongs to thawlab's head (ThawNet).
     """
     names = [n for n, _ in model.named_parameters()]
     try:
@@ -107,21 +107,47 @@ def block_groups(model: nn.Module, coarse: bool = True) -> "OrderedDict[str, lis
         matcher = None
     if matcher is None:
         warnings.warn(f"{type(model).__name__} has no timm group_matcher: one group per top-level module")
-        grouped = OrderedDict()
+        # Parameters held by the model itself (PiT's cls_token and pos_embed) belong to no child module: split
+        # on their name, each would be a group of its own ahead of the stem (PiT: pos_embed, cls_token,
+        # patch_embed, ...), unfrozen last by gradual unfreezing. They join the first child's group instead,
+        # as timm's matchers put such tokens and embeddings in the stem (vit, deit). The first group is called
+        # stem here too, as documented, so every backbone's input end has the same name.
+        children = [n.split(".")[0] for n in names if "." in n]
+        first = children[0] if children else None
+        by_child: OrderedDict[str, list[str]] = OrderedDict()
         for n in names:
-            grouped.setdefault(n.split(".")[0], []).append(n)
-        return grouped
+            by_child.setdefault(n.split(".")[0] if "." in n else first, []).append(n)
+        return _labelled(list(by_child.values()), list(by_child))
     if isinstance(matcher, dict):
         _warn_unmatched(names, matcher)
     by_id = group_parameters(model, matcher)
-    groups: OrderedDict[str, list[str]] = OrderedDict()
-    for i, gid in enumerate(sorted(by_id)):
-        params = by_id[gid]
-        label = "stem" if i == 0 else (_common_prefix(params) or ("top" if i == len(by_id) - 1 else f"group{i}"))
-        while label in groups:
+    return _labelled([by_id[gid] for gid in sorted(by_id)])
+
+
+HEAD = "head"  # ThawNet's group of thawlab's head parameters
+
+
+def _labelled(groups: list[list[str]], children: list[str] | None = None) -> "OrderedDict[str, list[str]]":
+    """Name groups (forward order): stem, then the module path the parameters share (the top-level child's
+    name, without a matcher), top for an unnamed last group; a name already taken gets a trailing _."""
+    out: OrderedDict[str, list[str]] = OrderedDict()
+    for i, params in enumerate(groups):
+        if i == 0:
+            label = "stem"
+        elif children is not None:
+            label = children[i]
+        else:
+            label = _common_prefix(params) or ("top" if i == len(groups) - 1 else f"group{i}")
+        # ThawNet adds its own group "head" after these and would overwrite a backbone group of that name:
+        # what timm keeps of its head with num_classes=0 (MambaOut's head.norm and head.pre_logits, MetaFormer's
+        # head.norm) would drop out of the partition and ThawNet fail (KeyError). That part runs after the
+        # last block, so it gets the name of an unnamed last group: top.
+        if label == HEAD:
+            label = "top"
+        while label in out:
             label += "_"
-        groups[label] = params
-    return groups
+        out[label] = params
+    return out
 
 
 def _warn_unmatched(names: list[str], matcher: dict) -> None:
