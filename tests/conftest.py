@@ -48,8 +48,9 @@ def run(tmp_path, cache_dir):
     """run(*overrides) -> results.json of a real in-process training in a fresh directory."""
     counter = iter(range(1000))
 
-    def _run(*overrides: str, smoke: bool = True) -> dict:
-        run_dir = tmp_path / f"run{next(counter)}"
+    def _run(*overrides: str, smoke: bool = True, name: str | None = None) -> dict:
+        """name: the run directory's name, to run again in the same directory (resume)."""
+        run_dir = tmp_path / (name or f"run{next(counter)}")
         base = BASE if smoke else BASE[1:]
         cfg = compose_cfg([*base, f"cache_dir={cache_dir}", *overrides], run_dir)
         train(cfg)

@@ -88,6 +88,26 @@ def _check_all_loaded(model: nn.Module, path: str, name: str) -> None:
                            f"(first: {missing[0]})")
 
 
+def timm_state_dict(model: nn.Module, classifier: nn.Linear | None = None) -> dict[str, torch.Tensor]:
+    """The backbone's state dict, plus `classifier` under the model's own classifier name (pretrained_cfg):
+    what `timm.create_model(name, num_classes=...)` loads, strict, with no thawlab or PEFT installed."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if classifier is not None:
+        name = model.pretrained_cfg.get("classifier", "fc")
+        state.update({f"{name}.weight": classifier.weight.detach().contiguous(),
+                      f"{name}.bias": classifier.bias.detach().contiguous()})
+    return state
+
+
+def classifier_of(state: dict[str, torch.Tensor], model: nn.Module) -> nn.Linear:
+    """The classifier stored in a timm state dict, as a Linear layer on the model's pooled features."""
+    name = model.pretrained_cfg.get("classifier", "fc")
+    weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return layer
+
+
 def data_config(model: nn.Module) -> dict:
     """The preprocessing the weights expect (timm's pretrained config): mean, std, input size."""
     return timm.data.resolve_model_data_config(model)

@@ -1,6 +1,7 @@
 """Build the objects of a run from its config: network, data, phases, module, trainer."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -15,45 +16,91 @@ from thawlab import schedules
 from thawlab.data.digits import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
+from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
 
 console = Console(stderr=True)
 SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
 
 
+def _add_lora(backbone, s, name):
+    from thawlab.adapters import add_lora  # imports PEFT (and transformers): only when asked for
+
+    add_lora(backbone, rank=s.rank, alpha=s.alpha, dropout=s.dropout, name=name,
+             target_modules=list(s.target_modules) if s.target_modules is not None else None)
+
+
+def _merge_lora(backbone):
+    from thawlab.adapters import merge_lora
+
+    return merge_lora(backbone)
+
+
+# schedule.adapter -> (add its modules to a backbone in place, merge them into the weights and remove them)
+ADAPTERS = {"lora": (_add_lora, _merge_lora)}
+
+
+def export_merged(net: ThawNet, adapter: str, path: Path) -> None:
+    """The trained network with its adapters merged, as a plain timm state dict (a linear head becomes the
+    model's classifier): `timm.create_model(name, num_classes=K).load_state_dict(...)` loads it, no PEFT."""
+    from safetensors.torch import save_file
+
+    backbone = ADAPTERS[adapter][1](copy.deepcopy(net.backbone))
+    fc = net.head.fc if isinstance(net.head, LinearHead) else None
+    state = bb.timm_state_dict(backbone, fc)
+    if fc is None:  # an MLP or cosine head has no timm equivalent: saved beside, under its own prefix
+        state.update({f"thawlab_head.{k}": v.detach().contiguous() for k, v in net.head.state_dict().items()})
+    save_file(state, str(path))
+
+
 def check_config(cfg: DictConfig) -> None:
     """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
     bb.check_name(cfg.backbone.name)
-    schedules.check(cfg.schedule, cfg.trainer.max_epochs)
+    schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+                                ("schedule.adapter", cfg.schedule.get("adapter"), ADAPTERS),
                                 ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
-        if value not in choices:
+        if value is not None and value not in choices:
             raise ThawlabError(f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
 
 
-def build_net(cfg: DictConfig, num_classes: int, pretrained) -> tuple[ThawNet, Preprocess]:
+def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:
+    """The backbone (with the schedule's adapters, unless adapters=False), its preprocessing and a new head."""
     b = cfg.backbone
     model = bb.create_backbone(b.name, pretrained, OmegaConf.to_container(b.kwargs))
+    adapter = cfg.schedule.get("adapter")
+    if adapters and adapter:
+        ADAPTERS[adapter][0](model, cfg.schedule, b.name)
     dc = bb.data_config(model)
     preprocess = Preprocess(img_size=cfg.data.img_size, in_chans=int(dc["input_size"][0]),
                             mean=tuple(dc["mean"]), std=tuple(dc["std"]))
-    head = instantiate(cfg.head, in_features=model.num_features, num_classes=num_classes)
+    # the width of what forward() returns with num_classes=0: head_hidden_size where a model has a pre-logits
+    # layer wider than num_features (MobileNetV3's conv_head, MambaOut), else num_features
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    head = instantiate(cfg.head, in_features=width, num_classes=num_classes)
     return ThawNet(model, head, bb.block_groups(model, b.coarse_groups)), preprocess
 
 
-def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target") -> L.LightningDataModule:
+def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target",
+                     shuffle_seed: int = 0) -> L.LightningDataModule:
     """task=target: the data set's own task; task=source: its pretraining task (data.source)."""
     node = data_cfg.source if task == "source" else data_cfg
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
               if k not in ("source", "pretrain", "img_size")}
-    return instantiate(kwargs, preprocess=preprocess, _convert_="all")
+    dm = instantiate(kwargs, shuffle_seed=shuffle_seed, _convert_="all")
+    dm.preprocess = preprocess  # set after: instantiate would turn the dataclass into a dict
+    return dm
 
 
 def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     dm.setup("fit")
-    phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs)
+    wise = phases is None and bool(cfg.schedule.get("alphas"))
+    phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs,
+                                              cfg.optimizer.layer_decay)
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
-                     {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")})
+                     {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
+                     regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
+                     cache_features=cfg.cache_features and dm.train_transform_deterministic, keep_probe_weights=wise)
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, **overrides) -> L.Trainer:
@@ -80,12 +127,24 @@ def print_partition(net: ThawNet, phases) -> None:
 
 
 def print_metrics(metrics: dict[str, float], stage: str = "test") -> None:
-    sets = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics if k.startswith(f"{stage}/")},
-                  key=lambda s: (s != "id", s == "ood/mean", s))
+    sets = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics
+                   if k.startswith(f"{stage}/") and not k.startswith(f"{stage}/wise/")},
+                  key=lambda s: (s != "id", s == "ood/mean", s == "source", s))
     table = Table(title=f"{stage} metrics (checkpoint selected on {SELECT[0]})", title_justify="left")
     for col in ("set", "acc %", "nll", "ece %"):
         table.add_column(col, justify="left" if col == "set" else "right")
     for s in sets:
         m = lambda k: metrics.get(f"{stage}/{s}/{k}", float("nan"))  # noqa: E731
         table.add_row(s, f"{100 * m('acc'):.1f}", f"{m('nll'):.3f}", f"{100 * m('ece'):.1f}")
+    Console().print(table)
+
+
+def print_wise(curve: list[dict]) -> None:
+    table = Table(title="WiSE-FT: (1 - alpha) theta_0 + alpha theta_ft", title_justify="left")
+    for col in ("alpha", "ID acc %", "OOD mean acc %"):
+        table.add_column(col, justify="right")
+    for point in curve:
+        m, a = point["metrics"], f"{point['alpha']:g}"
+        table.add_row(a, f"{100 * m[f'test/wise/{a}/id/acc']:.1f}",
+                      f"{100 * m.get(f'test/wise/{a}/ood/mean/acc', float('nan')):.1f}")
     Console().print(table)

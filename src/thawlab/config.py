@@ -1,8 +1,9 @@
 """The structured-config schema. Hydra composes conf/ on top of it, so a value of the wrong type
 (`trainer.max_epochs=abc`, `optimizer.lr=fast`) is rejected when the config is composed, before anything runs.
 
-Groups whose options take different keys (data, head, logger) carry their own schema, registered
-below and named in each option's defaults list (`defaults: [digits_schema]`).
+Groups whose options take different keys (data, head, logger, schedule) carry their own schema, registered
+below under schema/<group> and named first in each option's defaults list
+(`defaults: [/schema/schedule/lp_ft@_here_, _self_]`).
 """
 from __future__ import annotations
 
@@ -46,20 +47,78 @@ class OptimizerConfig:
     lr: float = 1e-3  # base lr of every group; phases scale it per group
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # lr shape within each phase: cosine | constant
-    warmup_epochs: float = 0.0  # linear warm-up at the start of each phase
+    layer_decay: float = 1.0  # in (0, 1]: group lr x layer_decay ** (groups between it and the head)
+    # lr shape within each phase: cosine | constant | stlr (ULMFiT) | one_cycle (fastai); a phase may set its own
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0  # cosine and constant: linear warm-up at the start of each phase
+    cut_frac: float = 0.1  # stlr: fraction of the phase's steps spent increasing the lr
+    ratio: float = 32.0  # stlr: how much smaller the lowest lr is than the maximum
+    pct_start: float = 0.25  # one_cycle: fraction of the phase's steps spent increasing the lr
+    div: float = 25.0  # one_cycle: initial lr = max / div
+    div_final: float = 1e5  # one_cycle: final lr = max / div_final
 
 
 @dataclass
 class ScheduleConfig:
-    """One schema for every strategy: a strategy reads the keys it needs (see schedules.py)."""
+    """Keys every strategy has; each strategy's own schema adds its keys (conf/schedule/<name>.yaml)."""
 
-    name: str = MISSING  # frozen | gradual | full | lp_ft
+    name: str = MISSING
+    # BatchNorm policy of trainable groups (frozen groups: always eval): train | eval | frozen, or a mapping
+    # {phase name: policy}, e.g. {lp: eval, ft: train}
+    bn: Any = "train"
     probe_lr_mult: float = 10.0  # lr multiplier of the head while it trains alone (a linear probe)
-    bn: str = "train"  # BatchNorm policy of trainable groups: train | eval | frozen (frozen groups: eval)
-    lp_epochs: Optional[int] = None  # lp_ft: epochs of the probing phase (default: half the run)
-    interval: int = 1  # gradual: epochs between two unfreezings
-    factor: float = 2.6  # gradual: lr of each group below = lr of the one above / factor (ULMFiT)
+    adapter: Optional[str] = None  # modules added to the backbone before training: null | lora
+
+
+@dataclass
+class LPFTConfig(ScheduleConfig):
+    lp_epochs: Optional[int] = None  # epochs of the probing phase (default: half the run)
+
+
+@dataclass
+class WiseFTConfig(LPFTConfig):
+    # WiSE-FT: evaluate (1 - alpha) * theta_0 + alpha * theta_ft at each alpha after training
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+
+
+@dataclass
+class GradualConfig(ScheduleConfig):
+    interval: int = 1  # epochs between two unfreezings
+    factor: float = 2.6  # lr of each group below = lr of the one above / factor (ULMFiT)
+
+
+@dataclass
+class SurgicalConfig(ScheduleConfig):
+    groups: list[int] = field(default_factory=lambda: [0])  # block groups that train: forward order, -1 = top
+
+
+@dataclass
+class PartialConfig(ScheduleConfig):
+    freeze_first: int = 1  # the first k block groups stay frozen
+
+
+@dataclass
+class FineTuneConfig(ScheduleConfig):
+    freeze_epochs: int = 1  # epochs of the head alone
+    lr_mult: float = 100.0  # then lrs spread from lr / lr_mult (stem) to lr (head), halved
+    pct_start: float = 0.3  # one-cycle of the second phase
+    div: float = 5.0
+
+
+@dataclass
+class LoRAConfig(ScheduleConfig):
+    adapter: Optional[str] = "lora"
+    rank: int = 8
+    alpha: float = 16.0  # adapter output scaled by alpha / rank
+    target_modules: Any = None  # a list of module names, or one regex over them; null: defaults per family
+    dropout: float = 0.0  # on the adapter's input
+
+
+@dataclass
+class RegularizationConfig:
+    # L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the pretrained body + beta/2 ||w_head||^2
+    l2sp_alpha: float = 0.0
+    l2sp_beta: float = 0.0
 
 
 @dataclass
@@ -137,7 +196,9 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    cache_features: bool = True  # frozen backbone + deterministic training data: compute features once
+    schedule: Any = MISSING
     head: Any = MISSING
     data: Any = MISSING
     logger: Any = None
@@ -145,11 +206,19 @@ class TrainConfig:
     experiment: Any = None
 
 
+SCHEMAS = {  # group -> option schema; each option names its schema first in its defaults list
+    "data": {"digits": DigitsConfig},
+    "head": {"head": HeadConfig, "mlp": MLPHeadConfig, "cosine": CosineHeadConfig},
+    "logger": {"logger": LoggerConfig},
+    "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
+                 "surgical": SurgicalConfig, "partial": PartialConfig, "fine_tune": FineTuneConfig,
+                 "lora": LoRAConfig},
+}
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="thawlab_schema", node=TrainConfig)
-    cs.store(group="data", name="digits_schema", node=DigitsConfig)
-    cs.store(group="head", name="head_schema", node=HeadConfig)
-    cs.store(group="head", name="mlp_schema", node=MLPHeadConfig)
-    cs.store(group="head", name="cosine_schema", node=CosineHeadConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():  # under schema/, so `--help` lists them apart from the options
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -53,3 +53,32 @@ def eval_metrics(num_classes: int) -> MetricCollection:
          "count": Count()},
         compute_groups=False,
     )
+
+
+def ood_mean(values: dict[str, float], prefix: str, sets: list[str]) -> dict[str, float]:
+    """`<prefix>/ood/mean/<metric>`: the unweighted mean over the OOD sets (each set counts once)."""
+    ood = [s for s in sets if s.startswith("ood/")]
+    if not ood:
+        return {}
+    return {f"{prefix}/ood/mean/{m}": sum(values[f"{prefix}/{s}/{m}"] for s in ood) / len(ood)
+            for m in ("acc", "nll", "ece")}
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, loaders: dict[str, "torch.utils.data.DataLoader"], num_classes: int,
+             prefix: str) -> dict[str, float]:
+    """The network, in eval mode, on named sets outside a Trainer: `<prefix>/<set>/<metric>` and the OOD mean.
+    For evaluations that must not touch the run's logged test metrics (WiSE-FT's alphas, forgetting)."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    values = {}
+    for name, loader in loaders.items():
+        collection = eval_metrics(num_classes).to(device)
+        for x, y, *_ in loader:
+            logits = net(x.to(device))
+            collection.update(torch.softmax(logits.float(), dim=-1), y.to(device))
+        values.update({f"{prefix}/{name}/{k}": float(v) for k, v in collection.compute().items() if k != "count"})
+    values.update(ood_mean(values, prefix, list(loaders)))
+    net.train(was_training)
+    return values

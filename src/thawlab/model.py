@@ -1,11 +1,13 @@
 """The network thawlab trains: a timm backbone, a head, and named parameter groups.
 
-Applying a phase happens here and only here: which parameters require grad, and which BatchNorm layers stay in
-eval mode. The BN policy is re-applied after every `train()` call (as mmpretrain does), so Lightning's switch
-back to training mode after validation never un-freezes running statistics.
+Applying a phase happens here and only here: which parameters require grad, and which modules stay in eval
+mode. A group that does not train is frozen whole (mmpretrain's rule): every module in it, BatchNorm, dropout
+and drop-path alike, stays in eval mode whatever calls `train()`, so Lightning's switch back to training mode
+after validation never un-freezes running statistics. BatchNorm in trainable groups follows the phase's policy.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import torch
@@ -23,53 +25,62 @@ class ThawNet(nn.Module):
         groups["head"] = [f"head.{n}" for n, _ in head.named_parameters()]
         self.groups = groups
         self._group_of = {n: g for g, names in groups.items() for n in names}
-        self._bn_groups = self._batchnorm_groups()
+        self._module_groups = self._groups_of_modules()
         self.phase: Phase | None = None
+        self.backbone_frozen = False
 
-    def _batchnorm_groups(self) -> list[tuple[_BatchNorm, str]]:
-        """Each BatchNorm layer with the group of its parameters (or of the last parameter before it)."""
+    def _groups_of_modules(self) -> list[tuple[str, nn.Module, frozenset[str]]]:
+        """Each module with the groups of the parameters in its subtree. A module without parameters
+        (activation, dropout, drop-path, pooling) belongs to the group of the last parameter before it in
+        the backbone, or to the head when it is part of the head."""
         out, last = [], next(iter(self.groups))
         for name, module in self.named_modules():
-            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            if not name:
+                continue
+            own = [self._group_of[f"{name}.{p}"] for p, _ in module.named_parameters()]
             if own:
-                last = self._group_of[own[0]]
-            if isinstance(module, _BatchNorm):
-                out.append((module, last))
+                last = own[-1] if name.startswith("backbone") else last
+                out.append((name, module, frozenset(own)))
+            else:
+                out.append((name, module, frozenset(["head"] if name.startswith("head") else [last])))
         return out
 
     def named_group_parameters(self) -> "OrderedDict[str, list[nn.Parameter]]":
         params = dict(self.named_parameters())
         return OrderedDict((g, [params[n] for n in names]) for g, names in self.groups.items())
 
-    def forward(self, x):
+    def features(self, x):
         if self.backbone_frozen:
             with torch.no_grad():  # nothing in the backbone trains: build no graph, keep no activations
-                features = self.backbone(x)
-        else:
-            features = self.backbone(x)
-        return self.head(features)
+                return self.backbone(x)
+        return self.backbone(x)  # a frozen prefix builds no graph either: no input of it requires grad
 
-    @property
-    def backbone_frozen(self) -> bool:
-        return self.phase is not None and self.phase.trainable == ("head",)
+    def forward(self, x):
+        return self.head(self.features(x))
 
     def apply_phase(self, phase: Phase) -> None:
         self.phase = phase
-        for g, params in self.named_group_parameters().items():
-            for p in params:
-                p.requires_grad_(g in phase.trainable)
+        only = re.compile(phase.params) if phase.params else None
+        for n, p in self.named_parameters():
+            g = self._group_of[n]
+            p.requires_grad_(g in phase.trainable and (g == "head" or only is None or bool(only.search(n))))
         if phase.bn == "frozen":
-            for bn, _ in self._bn_groups:
-                for p in bn.parameters(recurse=False):
-                    p.requires_grad_(False)
+            for _, module, _ in self._module_groups:
+                if isinstance(module, _BatchNorm):
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(False)
+        self.backbone_frozen = not any(p.requires_grad for p in self.backbone.parameters())
         self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.phase is not None:
-            for bn, group in self._bn_groups:
-                if group not in self.phase.trainable or self.phase.bn != "train":
-                    bn.eval()
+            trainable = set(self.phase.trainable)
+            for _, module, groups in self._module_groups:
+                if not groups & trainable:
+                    module.training = False  # this module only, not its children: they have their own entry
+                elif isinstance(module, _BatchNorm) and self.phase.bn != "train":
+                    module.training = False
         return self
 
     def trainable_parameter_count(self) -> int:

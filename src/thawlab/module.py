@@ -3,6 +3,8 @@
 Every parameter group is created once, named after its block group (fastai's rule); a phase changes which
 groups train and their lr multipliers through one LambdaLR that knows every group from the first step, so no
 group is ignored by the scheduler and no lr scale waits for a scheduler that never applies it.
+
+Batches are (images, labels, sample indices): the indices key the feature cache of frozen phases.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thawlab.metrics import eval_metrics
+from thawlab.metrics import eval_metrics, ood_mean
 from thawlab.model import ThawNet
 from thawlab.schedules import Phase, lr_factor, phase_at
+
+SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final")  # optimizer.* of lr shapes
 
 
 # optimizer.name -> constructor over the named parameter groups
@@ -27,61 +31,142 @@ OPTIMIZERS = {
 }
 
 
+class FeatureCache:
+    """Backbone features by sample index, one table per data set, filled on first sight.
+
+    Valid while the backbone is frozen and the inputs of a sample never change (a deterministic training
+    transform): the module clears it when a phase trains the backbone. Only training and validation use it;
+    the final test always runs the whole network.
+    """
+
+    def __init__(self):
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self.tables.clear()
+
+    def __call__(self, key: str, size: int, x: torch.Tensor, idx: torch.Tensor, compute) -> torch.Tensor:
+        """Features of the samples `idx` (inputs x), computing only those not seen before."""
+        if key not in self.tables:
+            out = compute(x)
+            feats = out.new_empty((size, *out.shape[1:]))
+            seen = torch.zeros(size, dtype=torch.bool, device=out.device)
+            self.tables[key] = (feats, seen)
+            feats[idx], seen[idx] = out, True
+            return out
+        feats, seen = self.tables[key]
+        new = ~seen[idx]
+        if new.any():
+            feats[idx[new]], seen[idx[new]] = compute(x[new]), True
+        return feats[idx]
+
+
 class FineTuner(L.LightningModule):
     def __init__(self, net: ThawNet, phases: list[Phase], optimizer: dict, num_classes: int,
-                 eval_sets: dict[str, list[str]]):
+                 eval_sets: dict[str, list[str]], regularization: dict | None = None, cache_features: bool = False,
+                 keep_probe_weights: bool = False):
         super().__init__()
+        reg = dict(regularization or {})
         # plain containers only: checkpoints must load with weights_only=True
         self.save_hyperparameters({"optimizer": dict(optimizer), "num_classes": num_classes,
-                                   "phases": [asdict(p) for p in phases], "eval_sets": eval_sets})
+                                   "phases": [asdict(p) for p in phases], "eval_sets": eval_sets,
+                                   "regularization": reg, "cache_features": cache_features})
         self.net, self.phases, self.opt_cfg, self.eval_sets = net, phases, dict(optimizer), eval_sets
         self.metrics = nn.ModuleDict({f"{stage}_{i}": eval_metrics(num_classes)
                                       for stage, names in eval_sets.items() for i in range(len(names))})
         self.trace: list[dict] = []
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
+        self.cache = FeatureCache() if cache_features else None
+        # WiSE-FT's theta_0: the weights when a first, head-only phase (the linear probe) ends
+        self.keep_probe_weights = keep_probe_weights and phases[0].trainable == ("head",) and len(phases) > 1
+        self.theta0: dict[str, torch.Tensor] | None = None
+        self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
+        if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
+            self.w0 = nn.Module()
+            for i, (_, p) in enumerate(net.backbone.named_parameters()):
+                self.w0.register_buffer(str(i), p.detach().clone(), persistent=False)
 
     def forward(self, x):
         return self.net(x)
 
     # ---- training -------------------------------------------------------------------------------------
     def on_train_epoch_start(self):
-        _, phase, _ = phase_at(self.phases, self.current_epoch)
+        _, phase, start = phase_at(self.phases, self.current_epoch)
         self.net.apply_phase(phase)
-        lrs = {g["name"]: g["lr"] for g in self.optimizers().optimizer.param_groups}
+        optimizer = self.optimizers().optimizer
+        if self.current_epoch == start and phase.reset_optimizer:
+            optimizer.state.clear()
+        if self.cache is not None and not self.net.backbone_frozen:
+            self.cache.clear()
+        if self.keep_probe_weights and self.current_epoch == self.phases[0].epochs:
+            self.theta0 = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         entry = {"epoch": self.current_epoch, "phase": phase.name, "trainable_groups": list(phase.trainable),
                  "trainable_params": self.net.trainable_parameter_count(), "lr": lrs}
         self.trace = [t for t in self.trace if t["epoch"] < self.current_epoch] + [entry]
         self.log("trace/trainable_params", float(entry["trainable_params"]), on_epoch=True, on_step=False)
         self.log_dict({f"lr/{g}": lr for g, lr in lrs.items()}, on_epoch=True, on_step=False)
 
+    def _logits(self, stage: str, batch, dataloader_idx: int = 0) -> torch.Tensor:
+        x, _, idx = batch
+        use_cache = self.cache is not None and self.net.backbone_frozen and stage != "test"
+        if not use_cache:
+            return self.net(x)
+        dm = self.trainer.datamodule
+        size = len(dm.train_set) if stage == "train" else len(list(dm.sets[stage].values())[dataloader_idx])
+        feats = self.cache(f"{stage}/{dataloader_idx}", size, x, idx, self.net.features)
+        return self.net.head(feats)
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        y = batch[1]
+        loss = F.cross_entropy(self._logits("train", batch), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        if self.l2sp_alpha or self.l2sp_beta:
+            penalty = self.l2sp_penalty()
+            self.log("train/l2sp", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + penalty
         return loss
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the trainable body, beta/2 ||w||^2 over the head."""
+        total = torch.zeros((), device=self.device)
+        if self.l2sp_alpha:
+            for i, p in enumerate(self.net.backbone.parameters()):
+                if p.requires_grad:
+                    total = total + self.l2sp_alpha / 2 * (p - getattr(self.w0, str(i))).pow(2).sum()
+        if self.l2sp_beta:
+            total = total + self.l2sp_beta / 2 * sum(p.pow(2).sum() for p in self.net.head.parameters())
+        return total
 
     def configure_optimizers(self):
         groups = [{"params": ps, "name": g} for g, ps in self.net.named_group_parameters().items()]
         c = self.opt_cfg
         opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
+        shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
         lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch,
-                                     shape=c["schedule"], warmup_epochs=c["warmup_epochs"]) for g in groups]
+                                     shape=shape) for g in groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
+        checkpoint["thawlab_rng"] = torch.get_rng_state()  # dropout, drop-path: a resumed run continues exactly
+        if self.theta0 is not None:
+            checkpoint["thawlab_theta0"] = self.theta0
 
     def on_load_checkpoint(self, checkpoint):
         self.trace = checkpoint.get("thawlab_trace", [])
+        if "thawlab_theta0" in checkpoint:
+            self.theta0 = checkpoint["thawlab_theta0"]
+        if "thawlab_rng" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(checkpoint["thawlab_rng"])
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def _eval_step(self, stage, batch, dataloader_idx):
-        x, y = batch
-        probs = torch.softmax(self.net(x).float(), dim=-1)
-        self.metrics[f"{stage}_{dataloader_idx}"].update(probs, y)
+        probs = torch.softmax(self._logits(stage, batch, dataloader_idx).float(), dim=-1)
+        self.metrics[f"{stage}_{dataloader_idx}"].update(probs, batch[1])
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         self._eval_step("val", batch, dataloader_idx)
@@ -99,10 +184,7 @@ class FineTuner(L.LightningModule):
                 else:
                     values[f"{stage}/{name}/{metric}"] = float(v)
             collection.reset()
-        ood = [n for n in self.eval_sets[stage] if n.startswith("ood/")]
-        for metric in ("acc", "nll", "ece"):
-            if ood:
-                values[f"{stage}/ood/mean/{metric}"] = sum(values[f"{stage}/{n}/{metric}"] for n in ood) / len(ood)
+        values.update(ood_mean(values, stage, self.eval_sets[stage]))
         self.computed[stage] = values
         headline = f"{stage}/id/acc"  # on the progress bar; the rest only in the logger
         self.log_dict({k: v for k, v in values.items() if k != headline}, add_dataloader_idx=False)

@@ -17,13 +17,16 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+from thawlab.backbone import classifier_of, timm_state_dict
 from thawlab.build import build_datamodule, build_module, build_net, build_trainer, console
+from thawlab.metrics import evaluate
 from thawlab.results import atomic_write_json
 from thawlab.schedules import Phase
 
-RECIPE_VERSION = 1  # bump when the pretraining code changes what it produces
+RECIPE_VERSION = 2  # bump when the pretraining code changes what it produces
 WEIGHTS, META = "weights.safetensors", "meta.json"
 
 
@@ -68,8 +71,8 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
     start = time.time()
     with torch.random.fork_rng():
         L.seed_everything(p.seed, workers=True, verbose=False)
-        dm = build_datamodule(cfg.data, None, task="source")
-        net, preprocess = build_net(_linear_head(cfg), dm.num_classes, pretrained=False)
+        dm = build_datamodule(cfg.data, None, task="source", shuffle_seed=p.seed)
+        net, preprocess = build_net(_linear_head(cfg), dm.num_classes, pretrained=False, adapters=False)
         dm.preprocess = preprocess
         everything = Phase("pretrain", p.epochs, tuple(net.groups), {}, "train")
         module = build_module(_pretrain_cfg(cfg), net, dm, phases=[everything])
@@ -78,15 +81,23 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
         trainer.fit(module, datamodule=dm)
         trainer.test(module, datamodule=dm, verbose=False)
     acc = module.computed["test"]["test/id/acc"]
-    classifier = net.backbone.pretrained_cfg.get("classifier", "fc")
-    state = {k: v.contiguous() for k, v in net.backbone.state_dict().items()}
-    state.update({f"{classifier}.weight": net.head.fc.weight.detach().contiguous(),
-                  f"{classifier}.bias": net.head.fc.bias.detach().contiguous()})
-    save_file(state, str(out / WEIGHTS))
+    save_file(timm_state_dict(net.backbone, net.head.fc), str(out / WEIGHTS))
     atomic_write_json(out / META, {"backbone": cfg.backbone.name, "source_classes": dm.num_classes,
                                    "source_test_acc": acc, "seconds": round(time.time() - start, 1),
                                    "config": OmegaConf.to_container(cfg.data, resolve=True)})
     console.print(f"pretraining done in {time.time() - start:.0f}s: source test acc {100 * acc:.1f}%")
+
+
+def source_retention(cfg: DictConfig, net, preprocess, weights: Path) -> dict[str, float]:
+    """Forgetting: the fine-tuned backbone with the original source head on the source test set
+    (`test/source/*`), next to the pretrained model's own figure (`pretrain/source/acc`)."""
+    dm = build_datamodule(cfg.data, preprocess, task="source", shuffle_seed=cfg.data.pretrain.seed)
+    dm.setup("test")
+    model = nn.Sequential(net.backbone, classifier_of(load_file(str(weights)), net.backbone))
+    loaders = {"source": dm.eval_dataloaders("test")["id"]}
+    values = evaluate(model, loaders, dm.num_classes, "test")
+    meta = json.loads((Path(weights).parent / META).read_text())
+    return {**values, "pretrain/source/acc": float(meta["source_test_acc"])}
 
 
 def _linear_head(cfg: DictConfig) -> DictConfig:
@@ -98,6 +109,8 @@ def _linear_head(cfg: DictConfig) -> DictConfig:
 
 
 def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
+    """The pretraining recipe, whatever the fine-tuning's optimizer and regularisation."""
     return OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
-                                               "weight_decay": cfg.data.pretrain.weight_decay,
-                                               "schedule": "cosine", "warmup_epochs": 0.0}})
+                                               "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
+                                               "schedule": "cosine", "warmup_epochs": 0.0},
+                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0}, "cache_features": False})

@@ -1,8 +1,10 @@
 """Freezing schedules as data. A strategy is a small function that returns phases; nothing else in
 thawlab branches on the strategy's name.
 
-A phase says for how many epochs it runs, which groups train, each group's lr multiplier and the BatchNorm
-policy of its trainable groups (groups that do not train always keep BatchNorm in eval mode):
+A phase says for how many epochs it runs, which groups train (and, within them, which parameters: BitFit trains
+biases, LoRA its adapters), each group's lr multiplier, the lr shape within the phase, whether the optimizer
+state starts afresh, and the BatchNorm policy of its trainable groups. Groups that do not train are frozen
+whole: no gradients, every module in eval mode (BatchNorm statistics, dropout, drop-path).
   train   BN normalises with batch statistics and updates its running statistics and affine weights
   eval    BN uses (and keeps) its running statistics; affine weights train (LP-FT, surgical: Kumar et al.)
   frozen  as eval, and the affine weights do not train either
@@ -11,12 +13,15 @@ Group names are the backbone's block groups in forward order, then "head".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from thawlab.errors import ThawlabError, did_you_mean
 
 BN_POLICIES = ("train", "eval", "frozen")
-LR_SHAPES = ("cosine", "constant")
+LR_SHAPES = ("cosine", "constant", "stlr", "one_cycle")
+BIASES = r"(^|\.)bias$"  # BitFit (Ben Zaken et al. 2022): bias terms only
+ADAPTERS = "lora_"  # parameters PEFT adds; everything else in the backbone stays as loaded
 
 
 @dataclass(frozen=True)
@@ -26,32 +31,37 @@ class Phase:
     trainable: tuple[str, ...]
     lr_mult: dict[str, float] = field(default_factory=dict)  # groups not named: 1.0
     bn: str = "train"
+    params: str | None = None  # regex: in trainable backbone groups only matching parameter names train
+    shape: dict = field(default_factory=dict)  # overrides of optimizer.schedule and its arguments
+    reset_optimizer: bool = False  # clear the optimizer state when the phase starts (fastai's unfreeze)
+
+
+def _body(groups):
+    return [g for g in groups if g != "head"]
 
 
 def frozen(groups, epochs, s):
     """Linear probe: only the head trains; the backbone is the pretrained one, bitwise."""
-    return [Phase("probe", epochs, ("head",), {"head": s.probe_lr_mult}, s.bn)]
+    return [Phase("probe", epochs, ("head",), {"head": s.probe_lr_mult})]
 
 
 def full(groups, epochs, s):
     """Full fine-tuning: every group trains at the base lr."""
-    return [Phase("full", epochs, tuple(groups), {}, s.bn)]
+    return [Phase("full", epochs, tuple(groups))]
 
 
 def lp_ft(groups, epochs, s):
-    """LP-FT (Kumar et al. 2022): probe the head, then fine-tune everything from that head."""
+    """LP-FT (Kumar et al. 2022): probe the head, then fine-tune everything from that head. WiSE-FT
+    (Wortsman et al. 2022) trains the same phases and then interpolates (schedule.alphas, see wise.py)."""
     lp = s.lp_epochs if s.lp_epochs is not None else epochs // 2
     if not 0 < lp < epochs:
         raise ThawlabError(f"schedule.lp_epochs={lp} must leave both phases an epoch of the {epochs}")
-    return [Phase("lp", lp, ("head",), {"head": s.probe_lr_mult}, s.bn),
-            Phase("ft", epochs - lp, tuple(groups), {}, s.bn)]
+    return [Phase("lp", lp, ("head",), {"head": s.probe_lr_mult}), Phase("ft", epochs - lp, tuple(groups))]
 
 
 def gradual(groups, epochs, s):
-    """ULMFiT gradual unfreezing: the head first, then one more group from the top every `interval`
-    epochs, each group's lr the one above it divided by `factor` (discriminative fine-tuning)."""
-    if s.interval < 1:
-        raise ThawlabError(f"schedule.interval={s.interval} must be at least 1")
+    """ULMFiT gradual unfreezing (Howard and Ruder 2018): the head first, then one more group from the top
+    every `interval` epochs, each group's lr the one above it divided by `factor` (discriminative lr)."""
     top_down = list(reversed(groups))  # head, last block, ..., stem
     mult = {g: s.factor ** -depth for depth, g in enumerate(top_down)}
     phases, start = [], 0
@@ -62,30 +72,103 @@ def gradual(groups, epochs, s):
         lr = {g: mult[g] for g in top_down[:k]}
         if k == 1:
             lr["head"] = s.probe_lr_mult
-        phases.append(Phase(f"unfreeze{k - 1}" if k > 1 else "head", n, tuple(reversed(top_down[:k])), lr, s.bn))
+        phases.append(Phase(f"unfreeze{k - 1}" if k > 1 else "head", n, tuple(reversed(top_down[:k])), lr))
         start += n
     return phases
 
 
-STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft}
+def surgical(groups, epochs, s):
+    """Surgical fine-tuning (Lee et al., ICLR 2023): only the listed block groups train (indices in forward
+    order, negative from the top), with the new head; the rest stays frozen, BatchNorm in eval mode."""
+    body = _body(groups)
+    for i in s.groups:
+        if not -len(body) <= i < len(body):
+            raise ThawlabError(f"schedule.groups: index {i} is out of range for the {len(body)} block groups "
+                               f"({', '.join(body)}): use {-len(body)}..{len(body) - 1}")
+    chosen = {body[i] for i in s.groups}
+    if not chosen:
+        raise ThawlabError("schedule.groups=[] names no block group (for the head alone use schedule=frozen)")
+    return [Phase("surgical", epochs, tuple(g for g in groups if g in chosen or g == "head"))]
 
 
-def check(schedule_cfg, epochs: int) -> None:
+def partial(groups, epochs, s):
+    """Partial fine-tuning: the first `freeze_first` block groups stay frozen, the rest and the head train."""
+    body = _body(groups)
+    if not 0 <= s.freeze_first <= len(body):
+        raise ThawlabError(f"schedule.freeze_first={s.freeze_first} is out of range for the {len(body)} block "
+                           f"groups: use 0..{len(body)}")
+    return [Phase("partial", epochs, tuple(body[s.freeze_first:]) + ("head",))]
+
+
+def bitfit(groups, epochs, s):
+    """BitFit (Ben Zaken et al. 2022): the backbone's biases and the new head train, nothing else."""
+    return [Phase("bitfit", epochs, tuple(groups), params=BIASES)]
+
+
+def lora(groups, epochs, s):
+    """LoRA (Hu et al. 2022) through HF PEFT: low-rank adapters in the backbone and the new head train."""
+    return [Phase("lora", epochs, tuple(groups), params=ADAPTERS)]
+
+
+def fine_tune(groups, epochs, s):
+    """fastai's `fine_tune`: one-cycle on the head for freeze_epochs at the base lr; then, optimizer state
+    cleared, one-cycle on everything at half the base lr, spread over the groups from lr/lr_mult (stem) to lr
+    (head), log-evenly as fastai's `even_mults`."""
+    if not 0 < s.freeze_epochs < epochs:
+        raise ThawlabError(f"schedule.freeze_epochs={s.freeze_epochs} must leave both phases an epoch of "
+                           f"the {epochs}")
+    n = len(groups)
+    spread = {g: 0.5 * (1 / s.lr_mult) ** (1 - i / (n - 1)) for i, g in enumerate(groups)}
+    return [Phase("frozen", s.freeze_epochs, ("head",), {"head": 1.0},
+                  shape={"name": "one_cycle", "pct_start": 0.99, "div": 25.0}),
+            Phase("unfrozen", epochs - s.freeze_epochs, tuple(groups), spread,
+                  shape={"name": "one_cycle", "pct_start": s.pct_start, "div": s.div}, reset_optimizer=True)]
+
+
+STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft, "wise_ft": lp_ft,
+              "surgical": surgical, "partial": partial, "bitfit": bitfit, "lora": lora, "fine_tune": fine_tune}
+
+
+def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
     """What can be checked before a model exists: runs call this first, so bad input fails in seconds."""
     name = schedule_cfg.name
     if name not in STRATEGIES:
         raise ThawlabError(f"unknown schedule {name!r} (choose from {', '.join(STRATEGIES)})"
                            f"{did_you_mean(name, STRATEGIES)}")
-    if schedule_cfg.bn not in BN_POLICIES:
-        raise ThawlabError(f"schedule.bn={schedule_cfg.bn!r} is not one of {', '.join(BN_POLICIES)}")
+    bn = schedule_cfg.bn
+    for policy in (bn.values() if isinstance(bn, Mapping) else [bn]):
+        if policy not in BN_POLICIES:
+            raise ThawlabError(f"schedule.bn={policy!r} is not one of {', '.join(BN_POLICIES)}")
     if epochs < 1:
         raise ThawlabError(f"trainer.max_epochs={epochs} must be at least 1")
+    if not 0 < layer_decay <= 1:
+        raise ThawlabError(f"optimizer.layer_decay={layer_decay} must be in (0, 1]")
+    for alpha in schedule_cfg.get("alphas") or []:
+        if not 0 <= alpha <= 1:
+            raise ThawlabError(f"schedule.alphas: {alpha} is outside [0, 1]")
+    if schedule_cfg.get("interval", 1) < 1:
+        raise ThawlabError(f"schedule.interval={schedule_cfg.interval} must be at least 1")
 
 
-def build_phases(schedule_cfg, groups: list[str], epochs: int) -> list[Phase]:
-    """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head')."""
-    check(schedule_cfg, epochs)
+def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: float = 1.0) -> list[Phase]:
+    """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head').
+
+    schedule.bn is one policy for every phase or a mapping {phase name: policy} (phases not named: train).
+    layer_decay (timm / BEiT layer-wise lr decay) multiplies each group's lr by decay ** depth, depth counted
+    in groups from the head (0) down to the stem, on top of the strategy's own multipliers.
+    """
+    check(schedule_cfg, epochs, layer_decay)
     phases = STRATEGIES[schedule_cfg.name](groups, epochs, schedule_cfg)
+    bn = schedule_cfg.bn
+    if isinstance(bn, Mapping):
+        unknown = set(bn) - {p.name for p in phases}
+        if unknown:
+            raise ThawlabError(f"schedule.bn names phase {sorted(unknown)[0]!r}; the phases of "
+                               f"{schedule_cfg.name} are {', '.join(p.name for p in phases)}")
+    depth = {g: d for d, g in enumerate(reversed(groups))}
+    phases = [replace(p, bn=bn.get(p.name, "train") if isinstance(bn, Mapping) else bn,
+                      lr_mult={g: p.lr_mult.get(g, 1.0) * layer_decay ** depth[g] for g in p.trainable})
+              for p in phases]
     assert sum(p.epochs for p in phases) == epochs, phases
     return phases
 
@@ -100,22 +183,45 @@ def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase, int]:
     return len(phases) - 1, phases[-1], start - phases[-1].epochs
 
 
-def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, shape: str = "cosine",
-              warmup_epochs: float = 0.0) -> float:
+def _cos(start: float, end: float, pos: float) -> float:
+    """fastai's SchedCos: from start (pos 0) to end (pos 1) along half a cosine."""
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+
+
+def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
+    """Multiplier at step t of a phase of `total` steps.
+      cosine     linear warm-up over warmup_epochs, then half a cosine to 0
+      constant   linear warm-up, then 1
+      stlr       ULMFiT's slanted triangular lr: up for cut_frac of the steps, down to 1/ratio
+      one_cycle  fastai's fit_one_cycle: cosine from 1/div up to 1 over pct_start, then down to 1/div_final
+    """
+    name = shape["name"]
+    if name == "stlr":
+        cut_frac, ratio = shape["cut_frac"], shape["ratio"]
+        cut = max(1, math.floor(total * cut_frac))
+        p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+        return (1 + p * (ratio - 1)) / ratio
+    if name == "one_cycle":
+        pos, pct = t / total, shape["pct_start"]
+        if pos < pct:
+            return _cos(1 / shape["div"], 1.0, pos / pct)
+        return _cos(1.0, 1 / shape["div_final"], (pos - pct) / (1 - pct))
+    warm = int(shape.get("warmup_epochs", 0.0) * steps_per_epoch)
+    if t < warm:
+        return (t + 1) / warm
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+    if name == "constant":
+        return 1.0
+    raise ThawlabError(f"optimizer.schedule={name!r} is not one of {', '.join(LR_SHAPES)}")
+
+
+def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, shape: dict) -> float:
     """Multiplier of the base lr for `group` at optimizer step `step`: 0 while the group is frozen, else its
-    phase multiplier times the phase's lr shape (linear warm-up, then cosine to 0 or constant)."""
+    phase multiplier times the phase's lr shape (optimizer.schedule, overridden by the phase's own)."""
     _, phase, start = phase_at(phases, step // steps_per_epoch)
     if group not in phase.trainable:
         return 0.0
     t = step - start * steps_per_epoch
-    total = phase.epochs * steps_per_epoch
-    warm = int(warmup_epochs * steps_per_epoch)
-    if t < warm:
-        shape_f = (t + 1) / warm
-    elif shape == "cosine":
-        shape_f = 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
-    elif shape == "constant":
-        shape_f = 1.0
-    else:
-        raise ThawlabError(f"optimizer.schedule={shape!r} is not one of {', '.join(LR_SHAPES)}")
-    return phase.lr_mult.get(group, 1.0) * shape_f
+    return phase.lr_mult.get(group, 1.0) * shape_at(t, phase.epochs * steps_per_epoch, {**shape, **phase.shape},
+                                                    steps_per_epoch)

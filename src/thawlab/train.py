@@ -30,7 +30,9 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, check_config
-    from thawlab.build import console, print_metrics, print_partition
+    from thawlab.build import console, export_merged, print_metrics, print_partition, print_wise
+    from thawlab.pretrain import source_retention, source_weights
+    from thawlab.wise import wise_curve
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed)
@@ -40,10 +42,8 @@ def train(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
-            from thawlab.pretrain import source_weights
-
             pretrained = str(source_weights(cfg))
-        dm = build_datamodule(cfg.data, None)
+        dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
         net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained)
         console.print(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
@@ -56,12 +56,25 @@ def train(cfg: DictConfig) -> dict:
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
         best = trainer.checkpoint_callback.best_model_path
         trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
-        metrics = module.computed["test"]
+        metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
+        if cfg.backbone.pretrained == "source":
+            extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
+        if cfg.schedule.get("adapter"):
+            export_merged(net, cfg.schedule.adapter, run_dir / "merged.safetensors")
+        if cfg.schedule.get("alphas"):
+            wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes,
+                              list(cfg.schedule.alphas))
+            extra.update({k: v for point in wise for k, v in point["metrics"].items()})
+        if logger and extra:
+            logger.log_metrics(extra, step=trainer.global_step)
+        metrics.update(extra)
         selection = {"rule": f"{SELECT[1]} {SELECT[0]}", "checkpoint": os.path.relpath(best, run_dir),
                      "value": _float(trainer.checkpoint_callback.best_model_score),
                      "epoch": torch.load(best, map_location="cpu", weights_only=True)["epoch"]}
-        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace)
+        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise)
         print_metrics(metrics)
+        if wise:
+            print_wise(wise)
         console.print(f"results: {run_dir / 'results.json'}")
         failed = False
         return metrics
@@ -140,7 +153,7 @@ def user_error(e: BaseException) -> str | None:
         return str(e)
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
-        options = [o for o in (e.options or []) if not o.endswith("_schema")]
+        options = list(e.options or [])
         if group:
             return f"unknown {group} {option!r} (choose from {', '.join(options)}){did_you_mean(option, options)}"
         return str(e).splitlines()[0]
@@ -148,6 +161,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
         msg = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
+        if "not in struct" in msg and key:  # e.g. backbone.kwargs, which holds no keys until given some
+            msg += f" (to add a key: +{key}=...)"
         return f"{key}: {msg}" if key else msg
     if isinstance(e, (ConfigCompositionException, OverrideParseException)):
         return " ".join(str(e).split())

@@ -22,15 +22,15 @@ import functools
 import os
 from dataclasses import dataclass
 
-import lightning as L
 import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from thawlab.data.corruptions import NAMES as CORRUPTIONS
 from thawlab.data.corruptions import corrupt
+from thawlab.data.sets import ImageSets
 
 FONT_DIR = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
 FONTS = (
@@ -152,39 +152,6 @@ class Preprocess:
         mean = torch.tensor(self.mean[: self.in_chans]).view(1, -1, 1, 1)
         std = torch.tensor(self.std[: self.in_chans]).view(1, -1, 1, 1)
         return ((x - mean) / std).contiguous()
-
-
-class ImageSets(L.LightningDataModule):
-    """Tensors in memory: a training set, and named evaluation sets for val and test.
-
-    Evaluation sets are ordered: 'id' first, then 'ood/<name>' for each OOD set. The module reads
-    `eval_sets(stage)` to name its metrics; dataloader index k is the k-th name.
-    """
-
-    num_classes: int
-
-    def __init__(self, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int = 0):
-        super().__init__()
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.train_set: TensorDataset | None = None
-        self.sets: dict[str, dict[str, TensorDataset]] = {"val": {}, "test": {}}
-
-    def eval_sets(self, stage: str) -> list[str]:
-        return list(self.sets[stage])
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          drop_last=len(self.train_set) > self.batch_size)
-
-    def _eval_loaders(self, stage):
-        return [DataLoader(ds, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-                for ds in self.sets[stage].values()]
-
-    def val_dataloader(self):
-        return self._eval_loaders("val")
-
-    def test_dataloader(self):
-        return self._eval_loaders("test")
 
 
 class DigitsTarget(ImageSets):
