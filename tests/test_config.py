@@ -71,6 +71,13 @@ BAD_INPUT = [
     (["backbone.name=resnet181"], ["resnet181", "did you mean"]),
     (["backbone.pretrained=/no/such/weights.safetensors"], ["/no/such/weights.safetensors", "does not exist"]),
     (["schedule.bn=sometimes"], ["schedule.bn", "sometimes"]),
+    (["schedule=surgical", "schedule.groups=[9]", "backbone.pretrained=false"],
+     ["schedule.groups", "index 9 is out of range", "-5..4"]),
+    (["schedule=lora", "schedule.target_modules=[nope]", "backbone.pretrained=false"],
+     ["schedule.target_modules", "nope", "matches no module of test_resnet"]),
+    (["optimizer.layer_decay=1.5"], ["optimizer.layer_decay=1.5", "(0, 1]"]),
+    (["schedule=wise_ft", "schedule.alphas=[0,0.5,2]"], ["schedule.alphas", "2", "outside [0, 1]"]),
+    (["ckpt_path=last"], ["ckpt_path=last", "does not exist"]),
 ]
 
 

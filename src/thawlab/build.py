@@ -21,6 +21,7 @@ from thawlab.module import OPTIMIZERS, FineTuner
 
 console = Console(stderr=True)
 SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
+LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 
 
 def _add_lora(backbone, s, name):
@@ -107,9 +108,14 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, **overr
     kwargs = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if v is not None}
     callbacks = []
     if run_dir is not None:
+        # the checkpoint selected on ID validation first (trainer.checkpoint_callback), then last.ckpt, written
+        # every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in epochs
+        # whose monitored metric improved, which would resume a killed run from a stale epoch
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch}",
                                          auto_insert_metric_name=False, monitor=SELECT[0], mode=SELECT[1],
-                                         save_last=True, save_top_k=1))
+                                         save_top_k=1))
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
+                                         save_top_k=1, enable_version_counter=False))
     kwargs.update(overrides)
     return L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=run_dir,
                      enable_checkpointing=run_dir is not None, enable_model_summary=False, **kwargs)

@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict:
         logger = make_logger(save_dir=str(run_dir), name=_job_name(), group=_group(),
                              run_config=record.payload["config"])
         trainer = build_trainer(cfg.trainer, run_dir, logger)
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg.ckpt_path, run_dir))
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
         best = trainer.checkpoint_callback.best_model_path
         trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
@@ -83,6 +83,19 @@ def train(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """ckpt_path=last: this run directory's checkpoints/last.ckpt (the end of its latest epoch)."""
+    if ckpt_path != "last":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise ThawlabError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
+        return ckpt_path
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ThawlabError(f"ckpt_path=last: {path} does not exist; rerun in the directory of the run to resume "
+                           f"(hydra.run.dir=...) or pass a checkpoint file")
+    return str(path)
 
 
 def pretrain(cfg: DictConfig) -> None:
