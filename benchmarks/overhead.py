@@ -22,21 +22,15 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-
-from thawlab import config
+from common import compose_cfg
 from thawlab.build import build_datamodule, build_module, build_net, build_trainer
-from thawlab.module import OPTIMIZERS
+from thawlab.module import OPTIMIZERS, SHAPE_KEYS
 from thawlab.schedules import lr_factor
-from thawlab.train import conf_dir
 
 
 def make_cfg(model: str, batch_size: int, epochs: int):
-    config.register()
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
-        return compose("config", overrides=[f"backbone.name={model}", "backbone.pretrained=false", "schedule=full",
-                                            f"data.source.batch_size={batch_size}", f"trainer.max_epochs={epochs}",
-                                            "logger=none"])
+    return compose_cfg([f"backbone.name={model}", "backbone.pretrained=false", "schedule=full",
+                        f"data.source.batch_size={batch_size}", f"trainer.max_epochs={epochs}"])
 
 
 def thawlab_loop(cfg, net, dm, steps: int) -> float:
@@ -56,11 +50,11 @@ def plain_loop(cfg, net, dm, steps: int) -> float:
     groups = [{"params": ps, "name": g} for g, ps in net.named_group_parameters().items()]
     c = dict(cfg.optimizer)
     opt = OPTIMIZERS[c["name"]](groups, c)
+    shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [functools.partial(
-        lr_factor, phases, g["name"], steps_per_epoch=steps, shape=c["schedule"],
-        warmup_epochs=c["warmup_epochs"]) for g in groups])
+        lr_factor, phases, g["name"], steps_per_epoch=steps, shape=shape) for g in groups])
     for _ in range(cfg.trainer.max_epochs):
-        for i, (x, y) in enumerate(dm.train_dataloader()):
+        for i, (x, y, _) in enumerate(dm.train_dataloader()):
             if i == steps:
                 break
             loss = F.cross_entropy(net(x), y)

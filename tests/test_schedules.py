@@ -141,6 +141,11 @@ CASES = {
     "full-layer_decay": (["schedule=full", "optimizer.layer_decay=0.5"], [4],
                          [{"head": 1, "layer4": .5, "layer3": .25, "layer2": .125, "layer1": .0625,
                            "stem": .03125}] * 4, COS),
+    # fastai fine_tune: head at base_lr, then half of it spread by even_mults from /100 (stem) to x1 (head)
+    "fine_tune": (["schedule.freeze_epochs=1"], [1, 3],
+                  [{"head": 1}] + [{g: 0.5 * 100 ** (i / 5 - 1) for i, g in enumerate(GROUPS)}] * 3,
+                  [{"name": "one_cycle", "pct_start": 0.99, "div": 25.0, "div_final": 1e5},
+                   {"name": "one_cycle", "pct_start": 0.3, "div": 5.0, "div_final": 1e5}]),
 }
 
 
@@ -178,12 +183,20 @@ def test_trainable_set_and_every_steps_lr_in_real_runs(run, monkeypatch, case):
     for step, (epoch, lrs, grads) in enumerate(probe.steps):
         phase = max(i for i, s in enumerate(starts) if s <= epoch)
         t, total = step - starts[phase] * steps_per_epoch, lengths[phase] * steps_per_epoch
-        if shape["name"] == "cosine":  # restarting in each phase
+        sh = shape[phase] if isinstance(shape, list) else shape
+        if sh["name"] == "cosine":  # restarting in each phase
             factor = 0.5 * (1 + math.cos(math.pi * t / total))
-        else:  # stlr, ULMFiT eq. 3
-            cut = math.floor(total * shape["cut_frac"])
-            p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / shape["cut_frac"] - 1))
-            factor = (1 + p * (shape["ratio"] - 1)) / shape["ratio"]
+        elif sh["name"] == "stlr":  # ULMFiT eq. 3
+            cut = math.floor(total * sh["cut_frac"])
+            p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / sh["cut_frac"] - 1))
+            factor = (1 + p * (sh["ratio"] - 1)) / sh["ratio"]
+        else:  # fastai's combined_cos(pct, 1/div, 1, 1/div_final) of SchedCos(a, b)
+            pos, pct = t / total, sh["pct_start"]
+            if pos < pct:
+                a, b, x = 1 / sh["div"], 1, pos / pct
+            else:
+                a, b, x = 1, 1 / sh["div_final"], (pos - pct) / (1 - pct)
+            factor = a + (1 + math.cos(math.pi * (1 - x))) * (b - a) / 2
         for g in names:
             mult = mults[epoch].get(short[g], 0.0)
             assert lrs[g] == pytest.approx(1e-3 * mult * factor, rel=1e-6, abs=1e-12), (step, g)

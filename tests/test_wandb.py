@@ -21,5 +21,8 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     for key in ("test/id/acc", "test/ood/printed/acc", "test/ood/corrupt_s5/acc", "test/ood/mean/acc"):
         assert summary[key] == pytest.approx(r["metrics"][key], abs=1e-6), key
     logged = {k for row in history for k in row}
-    assert {"val/id/acc", "val/ood/printed/acc", "train/loss_step", "lr/head"} <= logged
+    assert {"val/id/acc", "val/ood/printed/acc", "train/loss_step", "trace/trainable_params"} <= logged
+    groups = r["trace"][0]["lr"]  # every named parameter group's lr, under its block group's name (no pg2)
+    assert {f"lr/{g}" for g in groups} <= logged and not any(k.startswith("lr-") or "pg" in k for k in logged)
+    assert summary["test/source/acc"] == pytest.approx(r["metrics"]["test/source/acc"], abs=1e-6)
     assert config["schedule"]["name"] == "lp_ft" and group == "single"
