@@ -61,6 +61,15 @@ def run(tmp_path, cache_dir):
     return _run
 
 
+def pretrained_weights(results: dict) -> dict:
+    """The source-pretrained weights a run (backbone.pretrained=source) started from."""
+    from safetensors.torch import load_file
+
+    from thawlab.pretrain import WEIGHTS, cache_dir
+
+    return load_file(str(cache_dir(OmegaConf.create(results["config"])) / WEIGHTS))
+
+
 def add_callbacks(monkeypatch, *callbacks) -> None:
     """Every Trainer that train() builds from now on also runs these callbacks (a test's probes)."""
     import thawlab.build as build

@@ -5,28 +5,17 @@ from __future__ import annotations
 import lightning as L
 import timm
 import torch
-from safetensors.torch import load_file
 
-from conftest import add_callbacks
+from conftest import add_callbacks, pretrained_weights
 from thawlab.backbone import block_groups
 from thawlab.heads import LinearHead
 from thawlab.model import ThawNet
 from thawlab.schedules import Phase
 
 
-def _backbone_weights_from_file(results) -> dict:
-    path = results["config"]["backbone"]["pretrained"]
-    assert path == "source"
-    from pathlib import Path
-
-    files = list(Path(results["config"]["cache_dir"]).glob("pretrain/*/weights.safetensors"))
-    assert files, "the source pretraining left no weights"
-    return load_file(str(files[0]))
-
-
 def test_frozen_backbone_is_bitwise_as_loaded_bn_buffers_included(run):
     r = run("schedule=frozen", "trainer.max_epochs=2")
-    loaded = _backbone_weights_from_file(r)
+    loaded = pretrained_weights(r)
     ckpt = torch.load(r["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained = {k.removeprefix("net.backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.backbone.")}
     assert any("running_mean" in k for k in trained)

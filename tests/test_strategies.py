@@ -12,15 +12,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import add_callbacks
+from conftest import add_callbacks, pretrained_weights
 from thawlab.wise import interpolate
 
 FULL_TEST = "trainer.limit_test_batches=null"  # the whole test sets, as WiSE's and the source evaluations see
-
-
-def _pretrained(r) -> dict[str, torch.Tensor]:
-    (path,) = Path(r["config"]["cache_dir"]).glob(f"pretrain/{r['config']['backbone']['name']}-*/weights.safetensors")
-    return load_file(str(path))
 
 
 def _ckpt(r, which="last.ckpt") -> dict:
@@ -42,7 +37,7 @@ def test_wise_ft_endpoints_are_the_probe_and_the_fine_tuned_model(run):
         assert end[f"test/wise/1/{key}"] == pytest.approx(r["metrics"][f"test/{key}"], abs=1e-6), key
     # theta_0: the pretrained body, bitwise, with the head a linear probe of the same seed ends with
     theta0 = _ckpt(r)["thawlab_theta0"]
-    pretrained = _pretrained(r)
+    pretrained = pretrained_weights(r)
     for k, v in theta0.items():
         if k.startswith("backbone."):
             assert torch.equal(v, pretrained[k.removeprefix("backbone.")]), k
@@ -62,7 +57,7 @@ def test_wise_ft_endpoints_are_the_probe_and_the_fine_tuned_model(run):
 def test_surgical_changes_only_the_chosen_group_and_keeps_bn_statistics(run):
     r = run("schedule=surgical", "schedule.groups=[1]", "trainer.max_epochs=2")
     chosen = r["trace"][0]["trainable_groups"][0]
-    pretrained, trained = _pretrained(r), _backbone(_ckpt(r)["state_dict"])
+    pretrained, trained = pretrained_weights(r), _backbone(_ckpt(r)["state_dict"])
     changed = {k for k, v in trained.items() if not torch.equal(v, pretrained[k])}
     assert changed and all(k.startswith(chosen) for k in changed), sorted(changed)[:5]
     assert not any("running_" in k for k in changed), "bn=eval: BatchNorm statistics stay as loaded"
@@ -71,7 +66,7 @@ def test_surgical_changes_only_the_chosen_group_and_keeps_bn_statistics(run):
 def test_bitfit_trains_biases_only(run):
     r = run("schedule=bitfit", "trainer.max_epochs=2")
     state = _ckpt(r)["state_dict"]
-    pretrained, trained = _pretrained(r), _backbone(state)
+    pretrained, trained = pretrained_weights(r), _backbone(state)
     changed = {k for k, v in trained.items() if not torch.equal(v, pretrained[k])}
     assert changed and all(k.endswith(".bias") for k in changed), sorted(changed)[:5]
     biases = sum(v.numel() for k, v in pretrained.items() if k.endswith(".bias") and not k.startswith("fc."))
@@ -83,7 +78,7 @@ def test_lora_trains_adapters_and_exports_a_merged_plain_timm_model(run):
     from thawlab.data.digits import DigitsTarget
 
     r = run("schedule=lora", "schedule.rank=4", "trainer.max_epochs=2")
-    pretrained, trained = _pretrained(r), _backbone(_ckpt(r)["state_dict"])
+    pretrained, trained = pretrained_weights(r), _backbone(_ckpt(r)["state_dict"])
     adapters = {k for k in trained if "lora_" in k}
     assert adapters
     for k, v in trained.items():  # the base weights stay as loaded
@@ -131,7 +126,7 @@ def test_l2sp_penalty_is_the_papers_formula_and_pulls_towards_w0(run):
     assert module.l2sp_penalty().item() == pytest.approx(want.item(), rel=1e-5)
 
     def distance(r):
-        pretrained, trained = _pretrained(r), _backbone(_ckpt(r)["state_dict"])
+        pretrained, trained = pretrained_weights(r), _backbone(_ckpt(r)["state_dict"])
         return sum((trained[k] - pretrained[k]).pow(2).sum().item() for k in trained if k.endswith("weight"))
 
     plain = run("schedule=full", "trainer.max_epochs=2", "optimizer.lr=0.01")

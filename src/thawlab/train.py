@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict:
     module, failed = None, True
     try:
         check_config(cfg)
+        ckpt_path = resume_path(cfg.ckpt_path, run_dir)
         L.seed_everything(cfg.seed, workers=True)
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> dict:
         logger = make_logger(save_dir=str(run_dir), name=_job_name(), group=_group(),
                              run_config=record.payload["config"])
         trainer = build_trainer(cfg.trainer, run_dir, logger)
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_path(cfg.ckpt_path, run_dir))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
         best = trainer.checkpoint_callback.best_model_path
         trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
