@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
-from wandb_log import summary_and_history
+from wandb_log import records, summary_and_history
 
 
 def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
@@ -17,6 +18,11 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     assert os.environ.get("WANDB_MODE") is None, "offline mode must not leak into later jobs"
     files = list((r["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
+    # wandb's service writes the file behind wandb.finish(); `wandb sync` reads it after the job: wait for the
+    # run's exit record as sync would
+    deadline = time.time() + 60
+    while "exit" not in {rec.WhichOneof("record_type") for rec in records(files[0])} and time.time() < deadline:
+        time.sleep(0.5)
     summary, history, config, group = summary_and_history(files[0])
     for key in ("test/id/acc", "test/ood/printed/acc", "test/ood/corrupt_s5/acc", "test/ood/mean/acc"):
         assert summary[key] == pytest.approx(r["metrics"][key], abs=1e-6), key
