@@ -18,7 +18,8 @@ from pathlib import Path
 STRATEGIES = ("frozen", "gradual", "full", "lp_ft")
 COLUMNS = (("ID", "test/id/acc"), ("OOD printed", "test/ood/printed/acc"),
            ("OOD corrupt s3", "test/ood/corrupt_s3/acc"), ("OOD corrupt s5", "test/ood/corrupt_s5/acc"),
-           ("OOD mean", "test/ood/mean/acc"), ("ECE ID", "test/id/ece"))
+           ("OOD mean", "test/ood/mean/acc"), ("ECE ID", "test/id/ece"),
+           ("source task", "test/source/acc"))
 
 
 def run_sweep(out: Path, seeds: int, extra: list[str]) -> None:
@@ -59,6 +60,11 @@ def table(runs: dict[str, dict[int, dict]]) -> str:
             sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
             cells += [f"{statistics.mean(diffs):+.1f} ± {sd:.1f}", f"{wins}/{len(paired)}"]
         lines.append(f"| {s} | {len(seeds)} | " + " | ".join(cells) + " |")
+    pretrained = {round(100 * m["pretrain/source/acc"], 1) for seeds in runs.values() for m in seeds.values()
+                  if "pretrain/source/acc" in m}
+    if pretrained:
+        lines.append(f"\nsource task: the fine-tuned backbone with the source head on the source test set "
+                     f"(forgetting); the pretrained model scores {', '.join(map(str, sorted(pretrained)))}")
     return "\n".join(lines)
 
 
