@@ -35,6 +35,7 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None):
     with open_dict(cfg):  # what Hydra's run_job fills in before calling the task function
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.job.override_dirname = ",".join(overrides)
+        cfg.hydra.overrides.task = list(overrides)
         cfg.hydra.job.name = "test"
         cfg.hydra.mode = "RUN"
     HydraConfig.instance().set_config(cfg)

@@ -52,13 +52,13 @@ def atomic_write_json(path: Path, payload: dict) -> None:
 class RunRecord:
     """Collects what a run produces and writes it once, at the end, success or failure."""
 
-    def __init__(self, run_dir: Path, config: dict, seed: int):
+    def __init__(self, run_dir: Path, config: dict, seed: int, overrides: list[str] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / DONE).unlink(missing_ok=True)  # a rerun in the same directory is not done yet
         self.payload = {"status": "running", "metrics": {}, "counts": {}, "selection": None, "config": config,
-                        "versions": versions(), "seed": seed, "git": git_state(), "trace": [],
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                        "overrides": list(overrides or []), "versions": versions(), "seed": seed,
+                        "git": git_state(), "trace": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def finish(self, **fields) -> None:
         self.payload.update(fields, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -35,7 +35,8 @@ def train(cfg: DictConfig) -> dict:
     from thawlab.wise import wise_curve
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed)
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed,
+                       overrides=list(HydraConfig.get().overrides.task))
     module, failed = None, True
     try:
         check_config(cfg)
