@@ -19,7 +19,7 @@ from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, copyable
 SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
 LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from thawlab.sweep import job_dir_name
+
+# hydra.sweep.subdir: a sweep job's directory is named after its overrides. Registered on import, so a launcher's
+# worker process that unpickles the task function can resolve it too.
+OmegaConf.register_new_resolver("thawlab_jobdir", lambda overrides, num: job_dir_name(str(overrides), int(num)),
+                                replace=True)
 
 
 @dataclass

@@ -3,6 +3,7 @@ ID validation on every set, write results.json (and `done` last)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from thawlab import config
+from thawlab import config, sweep
 from thawlab.errors import ThawlabError
 from thawlab.loggers import finish_wandb
-from thawlab.results import RunRecord
+from thawlab.results import DONE, RunRecord, read_results
 
 
 def conf_dir() -> str:
@@ -35,12 +36,17 @@ def train(cfg: DictConfig) -> dict:
     from thawlab.wise import wise_curve
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if _multirun() and (run_dir / DONE).exists():  # a relaunched sweep: this job finished before
+        print(f"skipping {run_dir.name}: done ({run_dir / DONE})", file=sys.stderr)
+        return read_results(run_dir)["metrics"]
     record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed,
                        overrides=list(HydraConfig.get().overrides.task))
     module, failed = None, True
     try:
         check_config(cfg)
         ckpt_path = resume_path(cfg.ckpt_path, run_dir)
+        if ckpt_path is None:  # a fresh start: checkpoints of an earlier, failed attempt must not linger
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         L.seed_everything(cfg.seed, workers=True)
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
@@ -119,8 +125,11 @@ def _job_name() -> str:
 
 
 def _group() -> str:
-    hc = HydraConfig.get()
-    return Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else "single"
+    return Path(HydraConfig.get().sweep.dir).name if _multirun() else "single"
+
+
+def _multirun() -> bool:
+    return HydraConfig.get().mode.name == "MULTIRUN"
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
@@ -131,10 +140,14 @@ def _hydra_main(cfg: DictConfig):
         if cfg.task != "finetune":
             raise ThawlabError(f"task={cfg.task!r} is not one of finetune, pretrain")
         return train(cfg)
-    except ThawlabError as e:
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # the sweep reports it and goes on
-        _exit_with(str(e))  # here, not after Hydra has printed its own "Error executing job" line
+    except Exception as e:  # noqa: BLE001
+        if _multirun():  # train() has marked the job failed; the others go on, SweepSummary lists it at the end
+            print(f"thawlab-train: job {Path(HydraConfig.get().runtime.output_dir).name} failed: "
+                  f"{user_error(e) or f'{type(e).__name__}: {e}'}", file=sys.stderr)
+            return None
+        if isinstance(e, ThawlabError):
+            _exit_with(str(e))  # here, not after Hydra has printed its own "Error executing job" line
+        raise
 
 
 def _exit_with(message: str) -> None:
@@ -155,6 +168,8 @@ def main() -> None:
         if message is None:
             raise
         _exit_with(message)
+    if sweep.failed_jobs:
+        sys.exit(1)
 
 
 def user_error(e: BaseException) -> str | None:
@@ -170,7 +185,9 @@ def user_error(e: BaseException) -> str | None:
         group, _, option = e.missing_cfg_file.rpartition("/")
         options = list(e.options or [])
         if group:
-            return f"unknown {group} {option!r} (choose from {', '.join(options)}){did_you_mean(option, options)}"
+            hint = "; the joblib and submitit launchers: pip install 'thawlab[sweep]'" if "launcher" in group else ""
+            return (f"unknown {group} {option!r} (choose from {', '.join(options)})"
+                    f"{did_you_mean(option, options)}{hint}")
         return str(e).splitlines()[0]
     cause = e.__cause__ if isinstance(e, ConfigCompositionException) and e.__cause__ else e
     if isinstance(cause, OmegaConfBaseException):
