@@ -87,9 +87,9 @@ def test_lora_trains_adapters_and_exports_a_merged_plain_timm_model(run):
     backbone_params = sum(v.numel() for k, v in pretrained.items() if not k.startswith("fc.") and "running" not in k
                           and "num_batches" not in k)
     assert r["trace"][0]["trainable_params"] < 0.2 * backbone_params
-    # merged.safetensors: a plain timm model with the new head as its classifier, no PEFT needed
+    # model.safetensors: a plain timm model with the new head as its classifier, no PEFT needed
     plain = timm.create_model("test_resnet", num_classes=10)
-    plain.load_state_dict(load_file(str(r["run_dir"] / "merged.safetensors")), strict=True)
+    plain.load_state_dict(load_file(str(r["run_dir"] / "model.safetensors")), strict=True)
     plain.eval()
     dm = DigitsTarget(preprocess=_preprocess(plain))
     dm.setup()

@@ -41,12 +41,12 @@ def _merge_lora(backbone):
 ADAPTERS = {"lora": (_add_lora, _merge_lora)}
 
 
-def export_merged(net: ThawNet, adapter: str, path: Path) -> None:
-    """The trained network with its adapters merged, as a plain timm state dict (a linear head becomes the
-    model's classifier): `timm.create_model(name, num_classes=K).load_state_dict(...)` loads it, no PEFT."""
+def export_model(net: ThawNet, adapter: str | None, path: Path) -> None:
+    """The trained network, adapters merged, as a plain timm state dict (a linear head becomes the model's
+    classifier): `timm.create_model(name, num_classes=K).load_state_dict(...)` loads it, no thawlab or PEFT."""
     from safetensors.torch import save_file
 
-    backbone = ADAPTERS[adapter][1](copy.deepcopy(net.backbone))
+    backbone = ADAPTERS[adapter][1](copy.deepcopy(net.backbone)) if adapter else net.backbone
     fc = net.head.fc if isinstance(net.head, LinearHead) else None
     state = bb.timm_state_dict(backbone, fc)
     if fc is None:  # an MLP or cosine head has no timm equivalent: saved beside, under its own prefix
@@ -58,6 +58,8 @@ def check_config(cfg: DictConfig) -> None:
     """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
     bb.check_name(cfg.backbone.name)
     schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
+    if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
+        raise ThawlabError("schedule.train_head=false leaves a new, random head untrained: set head.pretrained=true")
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
                                 ("schedule.adapter", cfg.schedule.get("adapter"), ADAPTERS),
                                 ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
@@ -78,8 +80,23 @@ def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = Tr
     # the width of what forward() returns with num_classes=0: head_hidden_size where a model has a pre-logits
     # layer wider than num_features (MobileNetV3's conv_head, MambaOut), else num_features
     width = getattr(model, "head_hidden_size", None) or model.num_features
-    head = instantiate(cfg.head, in_features=width, num_classes=num_classes)
+    head_cfg = {k: v for k, v in OmegaConf.to_container(cfg.head, resolve=True).items() if k != "pretrained"}
+    head = instantiate(head_cfg, in_features=width, num_classes=num_classes)
+    if cfg.head.get("pretrained"):
+        _load_pretrained_classifier(head, model, pretrained, num_classes)
     return ThawNet(model, head, bb.block_groups(model, b.coarse_groups)), preprocess
+
+
+def _load_pretrained_classifier(head, model, pretrained, num_classes: int) -> None:
+    """head.pretrained=true: the linear head starts as the classifier stored in the weights file."""
+    if not isinstance(head, LinearHead) or not isinstance(pretrained, str):
+        raise ThawlabError(f"head.pretrained=true needs head=linear and backbone.pretrained=<a weights file> "
+                           f"(got {type(head).__name__}, backbone.pretrained={pretrained!r})")
+    classifier = bb.classifier_of(bb._load_file(pretrained), model)
+    if classifier.out_features != num_classes:
+        raise ThawlabError(f"head.pretrained=true: the classifier in {pretrained} has {classifier.out_features} "
+                           f"classes, the data {num_classes}")
+    head.fc.load_state_dict(classifier.state_dict())
 
 
 def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target",

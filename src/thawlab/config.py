@@ -97,6 +97,7 @@ class GradualConfig(ScheduleConfig):
 @dataclass
 class SurgicalConfig(ScheduleConfig):
     groups: list[int] = field(default_factory=lambda: [0])  # block groups that train: forward order, -1 = top
+    train_head: bool = True  # false (with head.pretrained=true): the listed groups alone, as Lee et al.
 
 
 @dataclass
@@ -167,6 +168,7 @@ class DigitsConfig(DataConfig):
     split_seed: int = 0
     ood: list[str] = field(default_factory=lambda: ["printed", "corrupt"])
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    shift: str = "none"  # none | invert | flip_labels: the target task itself shifted (surgical fine-tuning)
     img_size: int = 32
     source: DigitsSourceConfig = field(default_factory=DigitsSourceConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -176,6 +178,8 @@ class DigitsConfig(DataConfig):
 class HeadConfig:
     _target_: str = MISSING
     dropout: float = 0.0
+    # linear head: start from the pretrained model's own classifier (a weights file with the same classes)
+    pretrained: bool = False
 
 
 @dataclass
@@ -205,6 +209,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     cache_features: bool = True  # frozen backbone + deterministic training data: compute features once
+    export: bool = False  # write model.safetensors, a plain timm state dict (always with adapters: merged)
     schedule: Any = MISSING
     head: Any = MISSING
     data: Any = MISSING

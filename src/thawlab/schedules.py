@@ -79,7 +79,8 @@ def gradual(groups, epochs, s):
 
 def surgical(groups, epochs, s):
     """Surgical fine-tuning (Lee et al., ICLR 2023): only the listed block groups train (indices in forward
-    order, negative from the top), with the new head; the rest stays frozen, BatchNorm in eval mode."""
+    order, negative from the top), with the new head unless train_head=false (a pretrained head kept as it is,
+    the paper's setting); the rest stays frozen, BatchNorm in eval mode."""
     body = _body(groups)
     for i in s.groups:
         if not -len(body) <= i < len(body):
@@ -88,7 +89,9 @@ def surgical(groups, epochs, s):
     chosen = {body[i] for i in s.groups}
     if not chosen:
         raise ThawlabError("schedule.groups=[] names no block group (for the head alone use schedule=frozen)")
-    return [Phase("surgical", epochs, tuple(g for g in groups if g in chosen or g == "head"))]
+    if s.train_head:
+        chosen.add("head")
+    return [Phase("surgical", epochs, tuple(g for g in groups if g in chosen))]
 
 
 def partial(groups, epochs, s):

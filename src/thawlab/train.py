@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, check_config
-    from thawlab.build import console, export_merged, print_metrics, print_partition, print_wise
+    from thawlab.build import console, export_model, print_metrics, print_partition, print_wise
     from thawlab.pretrain import source_retention, source_weights
     from thawlab.wise import wise_curve
 
@@ -67,8 +67,8 @@ def train(cfg: DictConfig) -> dict:
         metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
         if cfg.backbone.pretrained == "source":
             extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
-        if cfg.schedule.get("adapter"):
-            export_merged(net, cfg.schedule.adapter, run_dir / "merged.safetensors")
+        if cfg.export or cfg.schedule.get("adapter"):
+            export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
         if cfg.schedule.get("alphas"):
             wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes,
                               list(cfg.schedule.alphas))

@@ -31,6 +31,7 @@ from torch.utils.data import TensorDataset
 from thawlab.data.corruptions import NAMES as CORRUPTIONS
 from thawlab.data.corruptions import corrupt
 from thawlab.data.sets import ImageSets
+from thawlab.errors import ThawlabError
 
 FONT_DIR = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
 FONTS = (
@@ -98,8 +99,10 @@ def render(chars: str, labels: torch.Tensor, fonts: torch.Tensor, seed: int) -> 
     return to_optdigits(out)
 
 
+@functools.lru_cache(maxsize=8)
 def render_balanced(chars: str, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """per_class images of every char, fonts cycled so every font appears equally often."""
+    """per_class images of every char, fonts cycled so every font appears equally often. Cached: the runs of
+    a sweep share one process and the same renders (callers must not modify the tensors in place)."""
     labels = torch.arange(len(chars)).repeat_interleave(per_class)
     fonts = (torch.arange(len(labels)) + seed) % len(FONTS)
     return render(chars, labels, fonts, seed), labels
@@ -154,6 +157,16 @@ class Preprocess:
         return ((x - mean) / std).contiguous()
 
 
+# data.shift: the target task itself shifted, every split alike, for surgical fine-tuning (Lee et al. 2023):
+# from a model trained on the plain task, an input-level shift (invert: x -> 1 - x) or a label-level one
+# (flip_labels: y -> 9 - y).
+SHIFTS = {
+    "none": lambda x, y: (x, y),
+    "invert": lambda x, y: (1.0 - x, y),
+    "flip_labels": lambda x, y: (x, 9 - y),
+}
+
+
 class DigitsTarget(ImageSets):
     """Handwritten digits with printed and corrupted OOD sets (see the module docstring)."""
 
@@ -161,19 +174,21 @@ class DigitsTarget(ImageSets):
 
     def __init__(self, preprocess: Preprocess = Preprocess(), train_per_class: int = 10, val_per_class: int = 18,
                  test_per_class: int = 36, split_seed: int = 0, ood: tuple[str, ...] = ("printed", "corrupt"),
-                 severities: tuple[int, ...] = (1, 2, 3, 4, 5), **loader_kwargs):
+                 severities: tuple[int, ...] = (1, 2, 3, 4, 5), shift: str = "none", **loader_kwargs):
         super().__init__(**loader_kwargs)
         self.preprocess = preprocess
         self.train_per_class, self.val_per_class, self.test_per_class = train_per_class, val_per_class, test_per_class
-        self.split_seed, self.ood, self.severities = split_seed, tuple(ood), tuple(severities)
+        self.split_seed, self.ood, self.severities, self.shift = split_seed, tuple(ood), tuple(severities), shift
         for name in self.ood:
             if name not in ("printed", "corrupt"):
-                raise ValueError(f"unknown OOD set {name!r} for data=digits (choose from printed, corrupt)")
+                raise ThawlabError(f"data.ood: unknown OOD set {name!r} for data=digits (choose from printed, corrupt)")
+        if shift not in SHIFTS:
+            raise ThawlabError(f"data.shift={shift!r} is not one of {', '.join(SHIFTS)}")
 
     def setup(self, stage=None):
         if self.train_set is not None:
             return
-        x, y = load_handwritten()
+        x, y = SHIFTS[self.shift](*load_handwritten())
         split = stratified_split(y, {"test": self.test_per_class, "val": self.val_per_class,
                                      "train": self.train_per_class}, self.split_seed)
         p = self.preprocess
@@ -184,7 +199,7 @@ class DigitsTarget(ImageSets):
             per_class = self.val_per_class if key == "val" else self.test_per_class
             if "printed" in self.ood:
                 # seeds 1000+ never collide with the source renders (seeds < 1000)
-                xp, yp = render_balanced(DIGITS, per_class, seed=1000 + seed)
+                xp, yp = SHIFTS[self.shift](*render_balanced(DIGITS, per_class, seed=1000 + seed))
                 sets["ood/printed"] = TensorDataset(p(xp), yp)
             if "corrupt" in self.ood:
                 clean = p.resize(xs)
@@ -208,11 +223,13 @@ class DigitsSource(ImageSets):
         self.preprocess, self.renders, self.test_renders, self.seed = preprocess, renders, test_renders, seed
 
     def setup(self, stage=None):
-        if self.train_set is not None:
-            return
+        """Renders what the stage needs: measuring forgetting (stage test) needs only the test set."""
         p, n = self.preprocess, len(FONTS)
-        x, y = render_balanced(SOURCE_CLASSES, self.renders * n, seed=self.seed)
-        self.train_set = TensorDataset(p(x), y)
-        xv, yv = render_balanced(SOURCE_CLASSES, self.test_renders * n, seed=self.seed + 500)
-        xt, yt = render_balanced(SOURCE_CLASSES, self.test_renders * n, seed=self.seed + 501)
-        self.sets = {"val": {"id": TensorDataset(p(xv), yv)}, "test": {"id": TensorDataset(p(xt), yt)}}
+        if stage in (None, "fit") and self.train_set is None:
+            x, y = render_balanced(SOURCE_CLASSES, self.renders * n, seed=self.seed)
+            self.train_set = TensorDataset(p(x), y)
+            xv, yv = render_balanced(SOURCE_CLASSES, self.test_renders * n, seed=self.seed + 500)
+            self.sets["val"] = {"id": TensorDataset(p(xv), yv)}
+        if stage in (None, "fit", "test") and not self.sets["test"]:
+            xt, yt = render_balanced(SOURCE_CLASSES, self.test_renders * n, seed=self.seed + 501)
+            self.sets["test"] = {"id": TensorDataset(p(xt), yt)}
