@@ -1,0 +1,305 @@
+"""thawlab-report on a real smoke sweep (frozen and wise_ft, seeds 0-2, made with `thawlab-train -m`): the
+table's rows, n and values against hand computations from the results.json files, failed and missing seeds as
+gaps, effective robustness by hand, paired win counts, the LaTeX and CSV, the figures, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import thawlab
+from conftest import BASE, cli
+from thawlab import report
+
+SEEDS = (0, 1, 2)
+SCHEDULES = ("frozen", "wise_ft")
+ROWS = [f"schedule={s}" for s in SCHEDULES]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir) -> Path:
+    """A real sweep, once for the module; the pretraining cache is the session's (THAWLAB_CACHE)."""
+    out = tmp_path_factory.mktemp("report") / "sweep"
+    p = cli("-m", *BASE, f"schedule={','.join(SCHEDULES)}", f"seed={','.join(map(str, SEEDS))}",
+            f"hydra.sweep.dir={out}", cwd=out.parent, cache=cache_dir, timeout=300,
+            env={"OMP_NUM_THREADS": "1"})  # on a shared 2-core machine, spinning OpenMP threads cost minutes
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list(out.glob("*/results.json"))) == len(SEEDS) * len(SCHEDULES)
+    return out
+
+
+@pytest.fixture
+def copy(sweep, tmp_path) -> Path:
+    """The sweep's results (without checkpoints) in a directory this test may change."""
+    dst = tmp_path / "sweep"
+    shutil.copytree(sweep, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    return dst
+
+
+def results(root: Path) -> dict[tuple[str, int], dict]:
+    out = {}
+    for f in root.glob("*/results.json"):
+        r = json.loads(f.read_text())
+        out[(r["config"]["schedule"]["name"], r["seed"])] = r | {"file": f}
+    return out
+
+
+def edit(root: Path, schedule: str, seed: int, **fields) -> Path:
+    f = results(root)[(schedule, seed)]["file"]
+    r = json.loads(f.read_text())
+    r.update(fields)
+    f.write_text(json.dumps(r))
+    return f
+
+
+def fail(root: Path, schedule: str, seed: int, error: str) -> Path:
+    """What a failed run leaves: status failed, its error, no metrics, no `done`."""
+    f = edit(root, schedule, seed, status="failed", error=error, metrics={}, counts={}, selection=None, wise=None)
+    (f.parent / "done").unlink()
+    return f
+
+
+def cli_report(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m thawlab.report` as a user runs it, on this checkout's code."""
+    env = {**os.environ, "PYTHONPATH": str(Path(thawlab.__file__).parents[1]), "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-m", "thawlab.report", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def md_rows(text: str) -> dict[str, list[str]]:
+    """table.md's data rows: label -> cells (header and separator left out)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])}
+
+
+def hand_er(pts, runs_all, key_id="test/id/acc", key_ood="test/ood/mean/acc"):
+    """Effective robustness by hand: OLS on logit axes through `pts`, then OOD − sigmoid(a logit(ID) + b)."""
+    def clipped(r, key, n):
+        e = 0.5 / n
+        return min(max(r["metrics"][key], e), 1 - e)
+
+    def n_ood(r):
+        return sum(v for k, v in r["counts"].items() if k.startswith("test/ood/"))
+
+    lg = lambda p: math.log(p / (1 - p))  # noqa: E731
+    xs = [lg(clipped(r, key_id, r["counts"]["test/id"])) for r in pts]
+    ys = [lg(clipped(r, key_ood, n_ood(r))) for r in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    b = my - a * mx
+    er = [r["metrics"][key_ood] - 1 / (1 + math.exp(-(a * lg(clipped(r, key_id, r["counts"]["test/id"])) + b)))
+          for r in runs_all]
+    return a, b, er
+
+
+def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
+    out = tmp_path / "report"
+    p = cli_report(sweep, "--out", out, "--compare", "wise_ft", "schedule=frozen", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    res = results(sweep)
+    text = (out / "table.md").read_text()
+    rows = md_rows(text)
+    assert list(rows) == ROWS  # the sweep's order; labelled by the only varying override
+    head = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| ")).strip("|").split("|")]
+    assert head == ["row", "ID", "OOD printed", *[f"OOD corrupt_s{k}" for k in range(1, 6)], "OOD mean", "ECE ID",
+                    "source task", "eff. robustness", "n"]
+    for s in SCHEDULES:
+        cells = dict(zip(head[1:], rows[f"schedule={s}"]))
+        assert cells["n"] == "3"
+        for col, key in (("ID", "test/id/acc"), ("OOD printed", "test/ood/printed/acc"),
+                         ("OOD mean", "test/ood/mean/acc"), ("ECE ID", "test/id/ece")):
+            vals = [100 * res[(s, k)]["metrics"][key] for k in SEEDS]
+            assert cells[col] == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}", (s, col)
+    # the caption: spread, selection rule, ER formula and baselines, common overrides
+    assert "mean ± std (sample std, n−1)" in text and "max val/id/acc" in text
+    assert "σ(a · logit(ID acc) + b)" in text and "baseline rows schedule=frozen" in text
+    assert "clipped to [0.5/n, 1 − 0.5/n]" in text and "debug=smoke" in text
+    # LaTeX: a tabular with escaped underscores, one line per row
+    tex = (out / "table.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 1 and tex.count(r"\end{tabular}") == 1
+    assert tex.index(r"\begin{tabular}") < tex.index(r"\end{tabular}")
+    assert r"schedule=wise\_ft &" in tex and r"OOD corrupt\_s1" in tex and r"$\pm$" in tex
+    assert re.search(r"(?<!\\)_", tex) is None and r"\caption{" in tex
+    body = tex[tex.index(r"\begin{tabular}"):tex.index(r"\end{tabular}")]
+    assert all(ln.count("&") == len(head) - 1 for ln in body.splitlines() if ln.endswith(r"\\"))
+    # CSV: unrounded means and stds
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["row"] for r in table] == ROWS
+    for r, s in zip(table, SCHEDULES):
+        vals = [100 * res[(s, k)]["metrics"]["test/ood/mean/acc"] for k in SEEDS]
+        assert float(r["OOD mean (acc %) mean"]) == pytest.approx(statistics.mean(vals), abs=1e-9)
+        assert float(r["OOD mean (acc %) std"]) == pytest.approx(statistics.stdev(vals), abs=1e-9)
+        assert (r["n_finished"], r["n_expected"]) == ("3", "3")
+    # figures: non-empty PNG and PDF each
+    for name in ("id_vs_ood", "wise", "severity"):
+        png, pdf = (out / f"{name}.png").read_bytes(), (out / f"{name}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+        assert pdf.startswith(b"%PDF") and len(pdf) > 5_000, name
+    # the paired file, named as typed, and the same on the terminal
+    paired_md = (out / "paired_wise_ft_vs_schedule=frozen.md").read_text()
+    assert "| OOD mean |" in paired_md and paired_md.splitlines()[0] in p.stdout
+    # the default output directory: next to the runs
+    p = cli_report(copy, "--no-figures", cwd=tmp_path)
+    assert p.returncode == 0 and (copy / "table.md").read_text() == text
+
+
+def test_failed_killed_and_absent_seeds_are_gaps_that_lower_n(copy):
+    res = results(copy)
+    fail(copy, "wise_ft", 1, "ThawlabError: schedule.lp_epochs=9 must leave both phases an epoch of the 3")
+    killed = res[("frozen", 2)]["file"]
+    killed.unlink()  # killed: its directory (.hydra) without results.json
+    runs = report.load([copy])
+    assert sorted((r.label, r.seed, r.status) for r in runs.runs if not r.done) == [
+        ("schedule=frozen", 2, "missing"), ("schedule=wise_ft", 1, "failed")]
+    table = report.summarize(runs)
+    by = {r.label: r for r in table.rows}
+    assert (by["schedule=wise_ft"].n, by["schedule=wise_ft"].expected, by["schedule=wise_ft"].n_text) == (2, 3, "2 of 3")
+    assert by["schedule=frozen"].n_text == "2 of 3"
+    # the mean is over the seeds that finished, never over a zero for the failed one
+    vals = [100 * res[("wise_ft", k)]["metrics"]["test/id/acc"] for k in (0, 2)]
+    assert by["schedule=wise_ft"].cells["ID"].values == pytest.approx(vals)
+    assert by["schedule=wise_ft"].cells["ID"].mean == pytest.approx(statistics.mean(vals))
+    md = table.markdown()
+    assert md_rows(md)["schedule=wise_ft"][-1] == "2 of 3"
+    assert "schedule=wise_ft, seed 1: failed: ThawlabError: schedule.lp_epochs=9" in md
+    assert f"schedule=frozen, seed 2: missing: no results.json (killed, or still running) [{killed.parent}]" in md
+    assert "schedule.lp\\_epochs=9" in table.latex()
+    # a seed no configuration but one ran: expected of every configuration, a gap where it has no run
+    extra = copy / "extra"
+    shutil.copytree(res[("frozen", 0)]["file"].parent, extra)
+    (extra / "results.json").write_text(json.dumps(json.loads((extra / "results.json").read_text()) | {"seed": 7}))
+    table = report.summarize(report.load([copy]))
+    by = {r.label: r for r in table.rows}
+    assert by["schedule=wise_ft"].n_text == "2 of 4" and by["schedule=frozen"].n_text == "3 of 4"
+    assert "schedule=wise_ft, seed 7: missing: no run of this seed" in table.markdown()
+
+
+def test_effective_robustness_is_the_logit_fit_computed_by_hand(copy):
+    res = results(copy)
+    runs = report.load([copy])
+    assert report.default_baselines(runs) == ["schedule=frozen"]
+    everyone = [res[(s, k)] for s in SCHEDULES for k in SEEDS]
+    a, b, er = hand_er(everyone, everyone)  # both rows as baselines: six points
+    fit = report.effective_robustness(runs, baselines=["frozen", "wise_ft"])
+    assert fit.ok and (fit.a, fit.b) == (pytest.approx(a, rel=1e-9), pytest.approx(b, rel=1e-9))
+    table = report.summarize(runs, baselines=["frozen", "wise_ft"])
+    for i, row in enumerate(table.rows):
+        hand = [100 * e for e in er[3 * i:3 * i + 3]]
+        assert row.cells["eff. robustness"].values == pytest.approx(hand, abs=1e-9)
+        assert row.cells["eff. robustness"].mean == pytest.approx(statistics.mean(hand), abs=1e-9)
+    assert f"a = {a:.3f}, b = {b:.3f}" in table.caption and "schedule=frozen, schedule=wise_ft" in table.caption
+    # the fit is impossible with fewer than two distinct ID accuracies: a gap, and the caption says why
+    for k in SEEDS:
+        m = res[("frozen", k)]["metrics"] | {"test/id/acc": 0.5}
+        edit(copy, "frozen", k, metrics=m)
+    table = report.summarize(report.load([copy]))
+    assert not table.fit.ok and all(r.cells["eff. robustness"].mean is None for r in table.rows)
+    assert "fewer than two distinct ID accuracies" in table.caption
+    assert [row[-2] for row in md_rows(table.markdown()).values()] == ["–", "–"]
+
+
+def test_paired_differences_and_win_counts(copy, capsys):
+    res = results(copy)
+    fail(copy, "frozen", 2, "RuntimeError: boom")
+    runs = report.load([copy])
+    p = report.paired(runs, "wise_ft", "frozen", "test/ood/printed/acc")
+    diffs = [100 * (res[("wise_ft", k)]["metrics"]["test/ood/printed/acc"]
+                    - res[("frozen", k)]["metrics"]["test/ood/printed/acc"]) for k in (0, 1)]
+    assert p.seeds == [0, 1] and p.diffs == pytest.approx(diffs) and p.n == 2
+    assert p.wins == sum(d > 0 for d in diffs) and p.ties == sum(d == 0 for d in diffs)
+    assert p.unpaired == ["seed 2 (schedule=frozen failed)"]
+    ece = report.paired(runs, "wise_ft", "frozen", "test/id/ece")  # lower is better
+    d = [res[("wise_ft", k)]["metrics"]["test/id/ece"] - res[("frozen", k)]["metrics"]["test/id/ece"] for k in (0, 1)]
+    assert ece.wins == sum(x < 0 for x in d)
+    # the CLI writes and prints the same
+    rc = report.main([str(copy), "--no-figures", "--compare", "schedule=wise_ft", "frozen"])
+    assert rc == 0
+    text = (copy / "paired_schedule=wise_ft_vs_frozen.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| OOD printed |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    assert cells[1:] == [f"{diffs[0]:+.1f}", f"{diffs[1]:+.1f}", f"{mean:+.1f} ± {sd:.1f}",
+                         f"{p.wins} of 2" + (f" ({p.ties} tied)" if p.ties else "")]
+    assert "Not paired: seed 2 (schedule=frozen failed)." in text and text.splitlines()[0] in capsys.readouterr().out
+
+
+def test_group_by_rows_metric_and_se(copy, capsys):
+    res = results(copy)
+    rc = report.main([str(copy), "--out", str(copy / "r"), "--group-by", "schedule.name", "--rows", "wise_ft",
+                      "frozen", "--metric", "nll", "--se"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    text = (copy / "r" / "table.md").read_text()
+    rows = md_rows(text)
+    assert list(rows) == ["schedule.name=wise_ft", "schedule.name=frozen"]
+    vals = [res[("frozen", k)]["metrics"]["test/ood/mean/nll"] for k in SEEDS]
+    se = statistics.stdev(vals) / math.sqrt(3)
+    assert rows["schedule.name=frozen"][7] == f"{statistics.mean(vals):.3f} ± {se:.3f}"
+    assert "mean ± s.e." in text and "negative log-likelihood in nats" in text
+    with open(copy / "r" / "table.csv") as f:
+        assert "OOD mean (nll nats) se" in next(csv.reader(f))
+    # one row shown: the figures without data for it are skipped with a note
+    capsys.readouterr()
+    assert report.main([str(copy), "--out", str(copy / "f"), "--rows", "frozen"]) == 0
+    assert "note: wise figure skipped: no run has a WiSE-FT curve" in capsys.readouterr().out
+    assert (copy / "f" / "id_vs_ood.png").stat().st_size > 0 and not (copy / "f" / "wise.png").exists()
+
+
+def test_no_results_and_unknown_labels_are_one_line_exit_2(copy, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = cli_report(empty, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and str(empty) in p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    p = cli_report(copy, "--rows", "frozen", "gradual", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert "'gradual'" in p.stderr and "schedule=frozen, schedule=wise_ft" in p.stderr
+    assert report.main([str(copy), "--compare", "wise_ft", "ful"]) == 2
+    assert report.main([str(copy), "--baselines", "nope"]) == 2
+    assert not (copy / "table.md").exists()  # nothing written
+
+
+def test_corrupt_results_are_named_and_the_rest_reported_exit_1(copy, tmp_path):
+    res = results(copy)
+    bad_json = res[("wise_ft", 2)]["file"]
+    bad_json.write_text('{"status": "done", "metrics": {')
+    no_metrics = res[("frozen", 1)]["file"]
+    r = json.loads(no_metrics.read_text())
+    del r["metrics"]
+    no_metrics.write_text(json.dumps(r))
+    p = cli_report(copy, "--no-figures", cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"{bad_json}: not valid JSON" in p.stderr and f"{no_metrics}: not a thawlab results file (missing " \
+                                                         f"metrics)" in p.stderr
+    rows = md_rows((copy / "table.md").read_text())
+    assert rows["schedule=wise_ft"][-1] == "2 of 3" and rows["schedule=frozen"][-1] == "2 of 3"
+    assert f"left out {bad_json}: not valid JSON" in (copy / "table.md").read_text()
+
+
+def test_incompatible_runs_leave_the_largest_group_exit_1(copy, capsys):
+    res = results(copy)
+    other_data = res[("frozen", 0)]["file"]
+    r = json.loads(other_data.read_text())
+    r["config"]["data"]["_target_"] = "mydata.Other"
+    other_data.write_text(json.dumps(r))
+    other_sets = edit(copy, "wise_ft", 1, metrics={k.replace("/printed/", "/handwritten/"): v
+                                                   for k, v in res[("wise_ft", 1)]["metrics"].items()})
+    assert report.main([str(copy), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert f"{other_data}: incompatible with the 4 reported runs: data._target_ mydata.Other" in err
+    assert f"{other_sets}: incompatible with the 4 reported runs: other evaluation sets (has handwritten; " \
+           f"lacks printed)" in err
+    text = (copy / "table.md").read_text()
+    assert [row[-1] for row in md_rows(text).values()] == ["2 of 3", "2 of 3"]
+    assert f"left out {other_data}: incompatible" in text and "OOD handwritten" not in text
