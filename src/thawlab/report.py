@@ -975,7 +975,9 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
         mx, my = statistics.fmean(x for _, x, _ in pts[lab]), statistics.fmean(y for _, _, y in pts[lab])
         sx = statistics.stdev([x for _, x, _ in pts[lab]]) if len(pts[lab]) > 1 else 0.0
         sy = statistics.stdev([y for _, _, y in pts[lab]]) if len(pts[lab]) > 1 else 0.0
-        eps_x, eps_y = min(xs + [0.5]), min(ys + [0.5])
+        # keep the mean and its bars inside (0, 1), where a logit axis can draw them, as the clipped points are
+        eps_x = min(min(xs), 1 - max(xs), 0.5)
+        eps_y = min(min(ys), 1 - max(ys), 0.5)
         cx, cy = min(max(mx, eps_x), 1 - eps_x), min(max(my, eps_y), 1 - eps_y)
         xerr = [[cx - min(max(mx - sx, eps_x), cx)], [max(min(mx + sx, 1 - eps_x), cx) - cx]]
         yerr = [[cy - min(max(my - sy, eps_y), cy)], [max(min(my + sy, 1 - eps_y), cy) - cy]]
