@@ -146,6 +146,16 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
         png, pdf = (out / f"{name}.png").read_bytes(), (out / f"{name}.pdf").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
         assert pdf.startswith(b"%PDF") and len(pdf) > 5_000, name
+    # the WiSE-FT curve as a table: per alpha, mean ± std over seeds and paired wins against alpha = 1
+    wise = (out / "wise_schedule=wise_ft.md").read_text()
+    line = next(ln for ln in wise.splitlines() if ln.startswith("| 0.5 |"))
+    vals = [100 * next(p for p in res[("wise_ft", k)]["wise"] if p["alpha"] == 0.5)["metrics"]
+            ["test/wise/0.5/ood/printed/acc"] for k in SEEDS]
+    ends = [100 * next(p for p in res[("wise_ft", k)]["wise"] if p["alpha"] == 1.0)["metrics"]
+            ["test/wise/1/ood/printed/acc"] for k in SEEDS]
+    wins = sum(v > e for v, e in zip(vals, ends))
+    assert f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f} ({wins}/3)" in line.split("|")[3]
+    assert not (out / "wise_schedule=frozen.md").exists()
     # the paired file, named as typed, and the same on the terminal
     paired_md = (out / "paired_wise_ft_vs_schedule=frozen.md").read_text()
     assert "| OOD mean |" in paired_md and paired_md.splitlines()[0] in p.stdout
@@ -303,3 +313,21 @@ def test_incompatible_runs_leave_the_largest_group_exit_1(copy, capsys):
     text = (copy / "table.md").read_text()
     assert [row[-1] for row in md_rows(text).values()] == ["2 of 3", "2 of 3"]
     assert f"left out {other_data}: incompatible" in text and "OOD handwritten" not in text
+
+
+def test_tune_keeps_per_row_the_value_best_on_id_validation(copy):
+    """--tune KEY: per row, the KEY value whose selected checkpoints score best on ID validation, mean over seeds."""
+    # two lrs per schedule: seed 2 "ran" at lr 0.1, best on validation for frozen, worst for wise_ft
+    for (s, seed), r in results(copy).items():
+        if seed == 2:
+            edit(copy, s, seed, config={**r["config"], "optimizer": {**r["config"]["optimizer"], "lr": 0.1}},
+                 overrides=[*r["overrides"], "optimizer.lr=0.1"],
+                 selection={**r["selection"], "value": 1.0 if s == "frozen" else 0.0})
+    runs = report.tune(report.load([copy]), "optimizer.lr")
+    assert sorted(runs.labels()) == ["schedule=frozen", "schedule=wise_ft"]
+    assert runs.tuned["schedule=frozen"][1] == "0.1" and runs.tuned["schedule=wise_ft"][1] != "0.1"
+    assert [r.seed for r in runs.row("schedule=frozen") if r.done] == [2]  # seeds 0, 1 of lr 0.1: gaps
+    table = report.summarize(runs)
+    assert "optimizer.lr chosen per row on ID validation" in table.caption and "schedule=frozen: 0.1" in table.caption
+    with pytest.raises(report.ReportError, match="--tune nope.key: no run's config has this key"):
+        report.tune(report.load([copy]), "nope.key")

@@ -66,7 +66,8 @@ def source_weights(cfg: DictConfig, force: bool = False) -> Path:
 
 def _pretrain(cfg: DictConfig, out: Path) -> None:
     p = cfg.data.pretrain
-    console.print(f"[bold]pretraining {cfg.backbone.name} on the source task of {cfg.data._target_.rsplit('.', 1)[-1]}[/] "
+    data = cfg.data._target_.rsplit(".", 1)[-1]
+    console.print(f"[bold]pretraining {cfg.backbone.name} on the source task of {data}[/] "
                   f"({p.epochs} epochs, once; cached in {out})")
     start = time.time()
     with torch.random.fork_rng():

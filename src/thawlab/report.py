@@ -149,6 +149,7 @@ class Runs:
     root: Path
     group_by: tuple[str, ...] = ()
     common: tuple[str, ...] = ()  # overrides common to all runs (left out of the labels)
+    tuned: dict = field(default_factory=dict)  # row -> (key, chosen value, {value: mean val score}), see tune()
 
     def labels(self) -> list[str]:
         out: list[str] = []
@@ -440,6 +441,37 @@ def _label(runs: Runs) -> None:
     first: dict[tuple, str] = {}
     for r in runs.runs:
         r.label = first.setdefault(r.key, r.label)
+
+
+def tune(runs: Runs, key: str) -> Runs:
+    """Per row, keep the runs of the `key` value (e.g. optimizer.lr) with the best mean ID validation score of
+    their selected checkpoints (results.json selection.value) over seeds: hyperparameters chosen on ID
+    validation, as the method's own model selection, never on test or OOD data. Rows are relabelled without
+    the key; the choice and every candidate's score go into the table's caption."""
+    if not any(r.get(key, _ABSENT) is not _ABSENT for r in runs.runs):
+        raise ReportError(f"--tune {key}: no run's config has this key")
+    prefix = f"{key}="
+    parts = (lambda r: r.label.split(",")) if runs.group_by else (
+        lambda r: [o for o in r.overrides if o not in runs.common])
+    base = {id(r): ",".join(o for o in parts(r) if not o.startswith(prefix)) or "all" for r in runs.runs}
+    keep, tuned = [], {}
+    for row in dict.fromkeys(base.values()):
+        members = [r for r in runs.runs if base[id(r)] == row]
+        scores: dict[str, list[float]] = {}
+        for r in members:
+            value = (r.selection or {}).get("value")
+            if r.done and isinstance(value, (int, float)):
+                scores.setdefault(_fmt_value(r.get(key)), []).append(float(value))
+        if not scores:
+            raise ReportError(f"--tune {key}: row {row} has no finished run with a validation score")
+        means = {v: statistics.fmean(xs) for v, xs in scores.items()}
+        best = max(means, key=means.get)
+        tuned[row] = (key, best, means)
+        for r in members:
+            if _fmt_value(r.get(key)) == best:
+                r.label = row
+                keep.append(r)
+    return Runs(keep, runs.skipped, runs.root, runs.group_by, runs.common, tuned)
 
 
 # ------------------------------------------------------------------------------------------ effective robustness
@@ -760,6 +792,12 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
                f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
                f"({', '.join(map(str, seeds))}: every seed seen in these runs); a failed or missing run is a gap, "
                f"never averaged away. {rows_text} {er}")
+    if runs.tuned:
+        key = next(iter(runs.tuned.values()))[0]
+        choices = "; ".join(f"{row}: {best} (" + ", ".join(f"{v}: {100 * m:.1f}" for v, m in means.items()) + ")"
+                            for row, (_, best, means) in runs.tuned.items() if row in labels)
+        caption += (f" {key} chosen per row on ID validation (mean val/id/acc of the selected checkpoints over "
+                    f"seeds, in %): {choices}.")
     if any(c.key.startswith("test/source/") for c in cols):
         caption += (" Source task: the fine-tuned backbone with the original source head on the source test set "
                     "(forgetting).")
@@ -1032,6 +1070,47 @@ def _wise_points(run: Run) -> list[tuple[float, float, float]]:
     return out
 
 
+def wise_markdown(runs: Runs, label: str, metric: str = "acc") -> str | None:
+    """The WiSE-FT curve of one row as a table: per alpha, mean ± std over seeds of ID, each OOD set and the
+    OOD mean, and per column the seeds in which alpha beats alpha = 1 (the fine-tuned endpoint), paired by
+    seed. None when the row's runs have no curve."""
+    done = [r for r in runs.row(label) if r.done and r.wise]
+    if not done:
+        return None
+    sets = ["id", *[f"ood/{s}" for s in runs.ood_sets()], "ood/mean"]
+    per_alpha: dict[float, dict[int, dict]] = {}
+    for r in done:
+        for p in r.wise:
+            per_alpha.setdefault(float(p["alpha"]), {})[r.seed] = p["metrics"]
+    alphas = sorted(per_alpha)
+    end = per_alpha.get(1.0, {})
+    better = (lambda d: d > 0) if metric == "acc" else (lambda d: d < 0)
+    head = ["alpha", *[("ID" if s == "id" else "OOD " + s.removeprefix("ood/")) for s in sets]]
+    lines = [f"**WiSE-FT curve of {label}.** Test {metric} (%), mean ± std over {len(done)} seeds, of "
+             f"(1 − α) θ₀ + α θ_ft (θ₀: pretrained body + linear-probe head; θ_ft: the fine-tuned checkpoint "
+             f"selected on ID validation). In brackets: seeds in which α beats α = 1, paired by seed.", "",
+             "| " + " | ".join(head) + " |", "|---" + "|---:" * len(sets) + "|"]
+    scale = 100 if metric in ("acc", "ece") else 1
+    for a in alphas:
+        cells = []
+        for s in sets:
+            key = f"test/wise/{a:g}/{s}/{metric}"
+            vals = {seed: m[key] for seed, m in per_alpha[a].items() if key in m}
+            if not vals:
+                cells.append("–")
+                continue
+            xs = [scale * v for v in vals.values()]
+            sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+            cell = f"{statistics.fmean(xs):.1f} ± {sd:.1f}"
+            end_key = f"test/wise/1/{s}/{metric}"
+            paired = [(v, end[seed][end_key]) for seed, v in vals.items() if seed in end and end_key in end[seed]]
+            if a != 1.0 and paired:
+                cell += f" ({sum(better(v - e) for v, e in paired)}/{len(paired)})"
+            cells.append(cell)
+        lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _band(ax, xs, per_x: list[list[float]], color, label):
     means = [100 * statistics.fmean(v) for v in per_x]
     sds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_x]
@@ -1101,7 +1180,8 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc"):
             means = [100 * statistics.fmean(v) for v in vals]
             sds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
             dodge = (j - (len(shown) - 1) / 2) * width / max(len(shown) - 1, 1)
-            ax.errorbar([x + dodge for x in xs], means, yerr=sds, fmt="-o", ms=4.5, lw=1.8, capsize=3, color=colors[lab],
+            ax.errorbar([x + dodge for x in xs], means, yerr=sds, fmt="-o", ms=4.5, lw=1.8, capsize=3,
+                        color=colors[lab],
                         label=_wrap(f"{lab} ({_n(len(done), len(runs.row(lab)))})"))
         ax.set_xticks(xs, ["0\n(ID)"] + [str(k) for k in sev], fontsize=9.5)
         ax.set_xlabel("corruption severity (0: the clean ID test set)", fontsize=10.5)
@@ -1164,7 +1244,8 @@ def parser() -> argparse.ArgumentParser:
                "python -c 'import thawlab.report; help(thawlab.report)'")
     ap.add_argument("paths", nargs="+", metavar="PATH", help="sweep or run directories (searched recursively), "
                                                               "or results.json files")
-    ap.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: the common parent of the PATHs)")
+    ap.add_argument("--out", type=Path, metavar="DIR",
+                    help="output directory (default: the common parent of the PATHs)")
     ap.add_argument("--metric", choices=METRICS, default="acc", help="metric of the ID, OOD and OOD mean columns")
     ap.add_argument("--se", action="store_true", help="mean ± standard error instead of ± std")
     ap.add_argument("--group-by", nargs="+", metavar="KEY", help="dotted config keys forming the rows "
@@ -1174,6 +1255,8 @@ def parser() -> argparse.ArgumentParser:
                     help="rows fitting the effective-robustness line (default: schedule.name frozen or full)")
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                     help="paired comparison A − B over shared seeds (repeatable)")
+    ap.add_argument("--tune", metavar="KEY", help="per row, keep the value of KEY (e.g. optimizer.lr) with the best "
+                                                  "mean ID validation score; the caption says which")
     ap.add_argument("--no-figures", action="store_true", help="tables (and paired files) only")
     return ap
 
@@ -1189,6 +1272,8 @@ def main(argv=None) -> int:
 
 def _report(args) -> int:
     runs = load(args.paths, group_by=args.group_by)
+    if args.tune:
+        runs = tune(runs, args.tune)
     for s in runs.skipped:
         print(f"{PROG}: {'warning' if s.kind == 'duplicate' else 'error'}: {s.path}: {s.reason}", file=sys.stderr)
     if not runs.runs:
@@ -1212,6 +1297,13 @@ def _report(args) -> int:
         written += figs.paths
         for n in figs.notes:
             print(f"note: {n}")
+    for label in rows or runs.labels():
+        text = wise_markdown(runs, label, args.metric)
+        if text:
+            path = out / (f"wise_{_safe(label)}.md" if len(runs.labels()) > 1 else "wise.md")
+            path.write_text(text)
+            written.append(path)
+            print(text)
     for (a, b), typed in zip(compare, args.compare):
         text = paired_markdown(runs, a, b, args.metric, baselines)
         path = out / f"paired_{_safe(typed[0])}_vs_{_safe(typed[1])}.md"

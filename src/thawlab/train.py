@@ -28,12 +28,10 @@ def train(cfg: DictConfig) -> dict:
     # torch, lightning and timm are imported here, not at the top: `--help`, `--cfg` and config errors
     # answer in a second instead of the five that importing them takes
     import lightning as L
-    import torch
 
-    from thawlab.build import SELECT, build_datamodule, build_module, build_net, build_trainer, check_config
-    from thawlab.build import console, export_model, print_metrics, print_partition, print_wise
-    from thawlab.pretrain import source_retention, source_weights
-    from thawlab.wise import wise_curve
+    from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
+    from thawlab.build import print_metrics, print_partition, print_wise
+    from thawlab.pretrain import source_weights
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if _multirun() and (run_dir / DONE).exists():  # a relaunched sweep: this job finished before
@@ -62,23 +60,7 @@ def train(cfg: DictConfig) -> dict:
         trainer = build_trainer(cfg.trainer, run_dir, logger)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
-        best = trainer.checkpoint_callback.best_model_path
-        trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
-        metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
-        if cfg.backbone.pretrained == "source":
-            extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
-        if cfg.export or cfg.schedule.get("adapter"):
-            export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
-        if cfg.schedule.get("alphas"):
-            wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes,
-                              list(cfg.schedule.alphas))
-            extra.update({k: v for point in wise for k, v in point["metrics"].items()})
-        if logger and extra:
-            logger.log_metrics(extra, step=trainer.global_step)
-        metrics.update(extra)
-        selection = {"rule": f"{SELECT[1]} {SELECT[0]}", "checkpoint": os.path.relpath(best, run_dir),
-                     "value": _float(trainer.checkpoint_callback.best_model_score),
-                     "epoch": torch.load(best, map_location="cpu", weights_only=True)["epoch"]}
+        metrics, selection, wise = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise)
         print_metrics(metrics)
         if wise:
@@ -91,6 +73,35 @@ def train(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
+                      ) -> tuple[dict, dict, list | None]:
+    """The checkpoint selected on ID validation on every test set; then what the run asks for on top:
+    forgetting on the source task, the exported model, the WiSE-FT curve. (metrics, selection, wise curve)"""
+    import torch
+
+    from thawlab.build import SELECT, export_model
+    from thawlab.pretrain import source_retention
+    from thawlab.wise import wise_curve
+
+    best = trainer.checkpoint_callback.best_model_path
+    trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
+    metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
+    net = module.net
+    if cfg.backbone.pretrained == "source":
+        extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
+    if cfg.export or cfg.schedule.get("adapter"):
+        export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
+    if cfg.schedule.get("alphas"):
+        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes, list(cfg.schedule.alphas))
+        extra.update({k: v for point in wise for k, v in point["metrics"].items()})
+    if trainer.logger and extra:
+        trainer.logger.log_metrics(extra, step=trainer.global_step)
+    selection = {"rule": f"{SELECT[1]} {SELECT[0]}", "checkpoint": os.path.relpath(best, run_dir),
+                 "value": _float(trainer.checkpoint_callback.best_model_score),
+                 "epoch": torch.load(best, map_location="cpu", weights_only=True)["epoch"]}
+    return {**metrics, **extra}, selection, wise
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
