@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from omegaconf import OmegaConf
+
 from conftest import cli
+from thawlab import pretrain
 from thawlab.results import read_results
 
 
@@ -58,8 +61,10 @@ def test_cli_run_and_failure_marks_failed(tmp_path, cache_dir):
 
 
 def test_experiment_pretrain_source_reruns_the_cached_pretraining(tmp_path, cache_dir, run):
-    run("schedule=frozen", "trainer.max_epochs=1")  # makes sure the smoke pretraining is cached
-    (meta,) = Path(cache_dir).glob("pretrain/test_resnet-*/meta.json")
+    r = run("schedule=frozen", "trainer.max_epochs=1")  # makes sure the smoke pretraining is cached
+    # other tests cache other pretrainings (other sizes, sources) in the same dir: find this run's own
+    meta = pretrain.cache_dir(OmegaConf.create(r["config"])) / "meta.json"
+    assert meta.exists(), meta
     before = meta.stat().st_mtime_ns
     r = cli("experiment=pretrain_source", "debug=smoke", f"hydra.run.dir={tmp_path}/pre", cwd=tmp_path,
             cache=cache_dir)
