@@ -118,7 +118,8 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
                      regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
-                     cache_features=cfg.cache_features and dm.train_transform_deterministic, keep_probe_weights=wise)
+                     cache_features=cfg.cache_features and dm.train_transform_deterministic, keep_probe_weights=wise,
+                     class_subsets=dm.class_subsets)
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, **overrides) -> L.Trainer:

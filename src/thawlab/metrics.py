@@ -55,6 +55,16 @@ def eval_metrics(num_classes: int) -> MetricCollection:
     )
 
 
+def restrict(logits: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a set whose labels cover only some classes (ImageNet-R and -A: 200 of 1000), restricted to
+    them as those sets' authors evaluate: every other class gets -inf, so its probability is 0."""
+    if classes is None:
+        return logits
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[classes.to(logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def ood_mean(values: dict[str, float], prefix: str, sets: list[str]) -> dict[str, float]:
     """`<prefix>/ood/mean/<metric>`: the unweighted mean over the OOD sets (each set counts once)."""
     ood = [s for s in sets if s.startswith("ood/")]
@@ -66,9 +76,10 @@ def ood_mean(values: dict[str, float], prefix: str, sets: list[str]) -> dict[str
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loaders: dict[str, "torch.utils.data.DataLoader"], num_classes: int,
-             prefix: str) -> dict[str, float]:
+             prefix: str, class_subsets: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """The network, in eval mode, on named sets outside a Trainer: `<prefix>/<set>/<metric>` and the OOD mean.
-    For evaluations that must not touch the run's logged test metrics (WiSE-FT's alphas, forgetting)."""
+    For evaluations that must not touch the run's logged test metrics (WiSE-FT's alphas, forgetting).
+    class_subsets: {set name: the classes its logits are restricted to} (see restrict)."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -76,7 +87,7 @@ def evaluate(net: torch.nn.Module, loaders: dict[str, "torch.utils.data.DataLoad
     for name, loader in loaders.items():
         collection = eval_metrics(num_classes).to(device)
         for x, y, *_ in loader:
-            logits = net(x.to(device))
+            logits = restrict(net(x.to(device)), (class_subsets or {}).get(name))
             collection.update(torch.softmax(logits.float(), dim=-1), y.to(device))
         values.update({f"{prefix}/{name}/{k}": float(v) for k, v in collection.compute().items() if k != "count"})
     values.update(ood_mean(values, prefix, list(loaders)))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thawlab.metrics import eval_metrics, ood_mean
+from thawlab.metrics import eval_metrics, ood_mean, restrict
 from thawlab.model import ThawNet
 from thawlab.schedules import Phase, lr_factor, phase_at
 
@@ -64,7 +64,7 @@ class FeatureCache:
 class FineTuner(L.LightningModule):
     def __init__(self, net: ThawNet, phases: list[Phase], optimizer: dict, num_classes: int,
                  eval_sets: dict[str, list[str]], regularization: dict | None = None, cache_features: bool = False,
-                 keep_probe_weights: bool = False):
+                 keep_probe_weights: bool = False, class_subsets: dict[str, torch.Tensor] | None = None):
         super().__init__()
         reg = dict(regularization or {})
         # plain containers only: checkpoints must load with weights_only=True
@@ -74,6 +74,7 @@ class FineTuner(L.LightningModule):
         self.net, self.phases, self.opt_cfg, self.eval_sets = net, phases, dict(optimizer), eval_sets
         self.metrics = nn.ModuleDict({f"{stage}_{i}": eval_metrics(num_classes)
                                       for stage, names in eval_sets.items() for i in range(len(names))})
+        self.class_subsets = dict(class_subsets or {})  # set name -> the classes its logits are restricted to
         self.trace: list[dict] = []
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
@@ -165,7 +166,9 @@ class FineTuner(L.LightningModule):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def _eval_step(self, stage, batch, dataloader_idx):
-        probs = torch.softmax(self._logits(stage, batch, dataloader_idx).float(), dim=-1)
+        logits = restrict(self._logits(stage, batch, dataloader_idx), self.class_subsets.get(
+            self.eval_sets[stage][dataloader_idx]))
+        probs = torch.softmax(logits.float(), dim=-1)
         self.metrics[f"{stage}_{dataloader_idx}"].update(probs, batch[1])
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):

@@ -94,7 +94,8 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     if cfg.export or cfg.schedule.get("adapter"):
         export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
     if cfg.schedule.get("alphas"):
-        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes, list(cfg.schedule.alphas))
+        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes, list(cfg.schedule.alphas),
+                          dm.class_subsets)
         extra.update({k: v for point in wise for k, v in point["metrics"].items()})
     if trainer.logger and extra:
         trainer.logger.log_metrics(extra, step=trainer.global_step)

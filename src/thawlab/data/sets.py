@@ -46,7 +46,9 @@ class ImageSets(L.LightningDataModule):
     """A training set, and named evaluation sets for val and test.
 
     Evaluation sets are ordered: 'id' first, then 'ood/<name>' for each OOD set. The module reads
-    `eval_sets(stage)` to name its metrics; dataloader index k is the k-th name.
+    `eval_sets(stage)` to name its metrics; dataloader index k is the k-th name. `train_transform_deterministic`
+    says whether the feature cache may be used; `preprocess` (set by train() from the model's timm data config
+    before setup) says what the model expects.
     """
 
     num_classes: int
@@ -59,6 +61,9 @@ class ImageSets(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.sets: dict[str, dict[str, Dataset]] = {"val": {}, "test": {}}
+        # evaluation sets whose labels cover only some of the classes (ImageNet-R, -A): set name -> those
+        # classes (a LongTensor); the module restricts the logits to them (thawlab.metrics.restrict)
+        self.class_subsets: dict[str, torch.Tensor] = {}
 
     def eval_sets(self, stage: str) -> list[str]:
         return list(self.sets[stage])
