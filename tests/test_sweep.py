@@ -67,7 +67,7 @@ def test_parallel_and_submitit_launchers(tmp_path, cache_dir, launcher):
 def test_slurm_launcher_config_takes_tasks_and_gpus_from_the_trainer():
     config.register()
     with initialize_config_dir(conf_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer.devices=4",
+        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm", "trainer.devices=4",
                                            "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")

@@ -32,3 +32,16 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     assert {f"lr/{g}" for g in groups} <= logged and not any(k.startswith("lr-") or "pg" in k for k in logged)
     assert summary["test/source/acc"] == pytest.approx(r["metrics"]["test/source/acc"], abs=1e-6)
     assert config["schedule"]["name"] == "lp_ft" and group == "single"
+
+
+def test_resumed_run_continues_the_same_wandb_run(run, monkeypatch):
+    """ckpt_path=last (e.g. a preempted SLURM job requeued): the W&B run id of the run directory is reused."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", os.devnull)
+    first = run("logger=wandb", "schedule=frozen", "trainer.max_epochs=1", name="job")
+    again = run("logger=wandb", "schedule=frozen", "trainer.max_epochs=2", "ckpt_path=last", name="job")
+    assert again["status"] == "done" and again["trace"][-1]["epoch"] == 1
+    ids = {f.stem for f in (first["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(list((first["run_dir"] / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids

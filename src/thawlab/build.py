@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import lightning as L
@@ -119,11 +120,56 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
                      regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
                      cache_features=cfg.cache_features and dm.train_transform_deterministic, keep_probe_weights=wise,
-                     class_subsets=dm.class_subsets)
+                     class_subsets=dm.class_subsets, channels_last=use_channels_last(cfg),
+                     fail_rank=cfg.ddp.fail_rank if "ddp" in cfg else None)
 
 
-def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, **overrides) -> L.Trainer:
-    kwargs = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if v is not None}
+def use_channels_last(cfg: DictConfig) -> bool:
+    """trainer.channels_last=auto: on a GPU (convolutions in NHWC run on tensor cores), not on a CPU."""
+    value = cfg.trainer.get("channels_last", False)
+    return on_gpu(cfg.trainer) if value == "auto" else bool(value)
+
+
+def prepare_for_device(cfg: DictConfig, net: ThawNet) -> None:
+    """Memory layout and compilation: trainer.channels_last, trainer.compile (torch.compile, in place: the
+    state dict keeps its keys, so checkpoints and exports do not change)."""
+    import torch
+
+    if use_channels_last(cfg):
+        net.to(memory_format=torch.channels_last)
+    if cfg.trainer.get("compile"):
+        net.compile()
+
+
+# trainer.* keys thawlab applies itself; the rest are lightning.Trainer arguments
+OWN_TRAINER_KEYS = ("channels_last", "compile")
+
+
+def on_gpu(trainer_cfg: DictConfig) -> bool:
+    import torch
+
+    return trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto"
+                                                          and torch.cuda.is_available())
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """precision=auto: bf16-mixed on a GPU that has bf16 (Ampere and later), else 32-true."""
+    import torch
+
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    return "bf16-mixed" if on_gpu(trainer_cfg) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
+                  **overrides) -> L.Trainer:
+    """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
+    counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks)."""
+    from thawlab import ranks
+
+    merged = OmegaConf.create({**OmegaConf.to_container(trainer_cfg, resolve=True), **overrides})
+    kwargs = {k: v for k, v in OmegaConf.to_container(merged).items() if v is not None and k not in OWN_TRAINER_KEYS}
+    kwargs["precision"] = resolve_precision(merged)
     callbacks = []
     if run_dir is not None:
         # the checkpoint selected on ID validation first (trainer.checkpoint_callback), then last.ckpt, written
@@ -134,9 +180,22 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, **overr
                                          save_top_k=1))
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
-    kwargs.update(overrides)
-    return L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=run_dir,
-                     enable_checkpointing=run_dir is not None, enable_model_summary=False, **kwargs)
+    plugins = []
+    if ranks.world_size(OmegaConf.create({"trainer": merged})) > 1:
+        from datetime import timedelta
+
+        from lightning.pytorch.plugins.environments import LightningEnvironment
+        from lightning.pytorch.strategies import DDPStrategy
+
+        timeout = timedelta(seconds=ddp.timeout_s if ddp is not None else 1800)
+        kwargs["strategy"] = DDPStrategy(timeout=timeout)
+        if os.environ.get("THAWLAB_RANK_OF") or os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            plugins.append(LightningEnvironment())  # ranks from RANK/LOCAL_RANK, even inside a SLURM allocation
+        if not ranks.started_by_cluster():
+            raise ThawlabError("a multi-process Trainer outside a thawlab rank: start it with thawlab-train")
+    return L.Trainer(logger=logger, callbacks=callbacks, default_root_dir=run_dir, plugins=plugins or None,
+                     enable_checkpointing=run_dir is not None, enable_model_summary=False,
+                     use_distributed_sampler=False, **kwargs)
 
 
 def print_partition(net: ThawNet, phases) -> None:

@@ -34,9 +34,14 @@ class BackboneConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 20
-    accelerator: str = "auto"
-    devices: Any = 1
-    precision: str = "32-true"
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # more than 1: DDP, one process per device (on a CPU: per process, gloo); see trainer=ddp
+    num_nodes: int = 1  # SLURM multi-node: with hydra/launcher=submitit_slurm, one task per device on every node
+    strategy: str = "auto"  # auto | ddp: multi-device jobs always run DDP, with ranks thawlab starts itself
+    # auto: bf16-mixed on a GPU with bf16, 32-true on a CPU; or any Lightning precision (16-mixed, 32-true, ...)
+    precision: str = "auto"
+    channels_last: Any = "auto"  # NHWC weights and inputs: auto = on a GPU only
+    compile: bool = False  # torch.compile the network (in place; the first steps compile, later ones are fast)
     deterministic: bool = False
     # int: that many batches; float: that fraction of the batches (Lightning's semantics)
     limit_train_batches: Any = None
@@ -46,6 +51,15 @@ class TrainerConfig:
     log_every_n_steps: int = 5
     enable_progress_bar: bool = True
     gradient_clip_val: Optional[float] = None
+
+
+@dataclass
+class DDPConfig:
+    """Multi-process jobs (trainer.devices > 1): how a job with a failed rank ends."""
+
+    timeout_s: int = 600  # collectives wait at most this long for a peer (NCCL hangs on a dead rank until then)
+    grace_s: float = 30.0  # after a rank fails, its peers get this long to record the failure, then are killed
+    fail_rank: Optional[int] = None  # testing the above: this rank raises in its first training step
 
 
 @dataclass
@@ -143,9 +157,11 @@ class PretrainConfig:
 @dataclass
 class DataConfig:
     _target_: str = MISSING
-    batch_size: int = 32
+    batch_size: int = 32  # per process: under DDP the global batch is batch_size x devices
     eval_batch_size: int = 256
     num_workers: int = 0
+    pin_memory: Any = "auto"  # auto: on when training on a GPU
+    persistent_workers: Any = "auto"  # auto: on a GPU with num_workers > 0
 
 
 @dataclass
@@ -206,6 +222,7 @@ class TrainConfig:
     cache_dir: str = "${oc.env:THAWLAB_CACHE,${oc.env:HOME}/.cache/thawlab}"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     cache_features: bool = True  # frozen backbone + deterministic training data: compute features once

@@ -20,21 +20,36 @@ def _wandb_credentials() -> bool:
         return False
 
 
+def previous_wandb_id(save_dir: str) -> str | None:
+    """The id of the latest W&B run in a run directory (online or offline), for a resumed run to continue."""
+    from pathlib import Path
+
+    runs = sorted(Path(save_dir, "wandb").glob("*run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
+    return runs[-1].stem[len("run-"):] if runs else None
+
+
 def wandb_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab",
-                 job_type: str = "train", entity: str | None = None):
+                 job_type: str = "train", entity: str | None = None, resume: bool = False):
+    """resume=True (a run resumed with ckpt_path): continue the W&B run the directory already has, same id."""
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not _wandb_credentials():
         mode = "offline"
-        print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; upload later with "
-              f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; upload later with "
+                  f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
     kwargs = {"mode": mode} if mode else {}
+    run_id = previous_wandb_id(save_dir) if resume else None
+    if run_id:
+        kwargs.update(id=run_id, resume="allow")
+        print(f"W&B: resuming run {run_id}", file=sys.stderr)
     return WandbLogger(project=project, entity=entity, save_dir=save_dir, name=name, group=group,
                        job_type=job_type, config=run_config, **kwargs)
 
 
-def csv_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab"):
+def csv_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab",
+               resume: bool = False):
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(save_dir=save_dir, name="csv", version="")
@@ -42,7 +57,8 @@ def csv_logger(save_dir: str, name: str, group: str, run_config: dict, project: 
     return logger
 
 
-def no_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab"):
+def no_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab",
+              resume: bool = False):
     return False
 
 

@@ -17,8 +17,8 @@ ECE_BINS, ECE_NORM = 15, "l1"
 class NLL(Metric):
     full_state_update = False
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -34,8 +34,8 @@ class NLL(Metric):
 class Count(Metric):
     full_state_update = False
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
@@ -45,12 +45,15 @@ class Count(Metric):
         return self.count
 
 
-def eval_metrics(num_classes: int) -> MetricCollection:
+def eval_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
+    """sync: under DDP, compute() gathers every rank's state (each rank evaluated its share of the set);
+    False for an evaluation one process runs alone."""
+    kw = {"sync_on_compute": sync}
     return MetricCollection(
-        {"acc": MulticlassAccuracy(num_classes, average="micro"),
-         "nll": NLL(),
-         "ece": MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm=ECE_NORM),
-         "count": Count()},
+        {"acc": MulticlassAccuracy(num_classes, average="micro", **kw),
+         "nll": NLL(**kw),
+         "ece": MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm=ECE_NORM, **kw),
+         "count": Count(**kw)},
         compute_groups=False,
     )
 
@@ -85,7 +88,7 @@ def evaluate(net: torch.nn.Module, loaders: dict[str, "torch.utils.data.DataLoad
     device = next(net.parameters()).device
     values = {}
     for name, loader in loaders.items():
-        collection = eval_metrics(num_classes).to(device)
+        collection = eval_metrics(num_classes, sync=False).to(device)
         for x, y, *_ in loader:
             logits = restrict(net(x.to(device)), (class_subsets or {}).get(name))
             collection.update(torch.softmax(logits.float(), dim=-1), y.to(device))

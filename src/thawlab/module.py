@@ -9,6 +9,9 @@ Batches are (images, labels, sample indices): the indices key the feature cache 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -19,6 +22,11 @@ from torch import nn
 from thawlab.metrics import eval_metrics, ood_mean, restrict
 from thawlab.model import ThawNet
 from thawlab.schedules import Phase, lr_factor, phase_at
+
+# The per-set values logged at the end of an evaluation epoch come from torchmetrics objects that have already
+# gathered every rank's state: they are the same on every rank, and Lightning's advice to sync them again would
+# only average identical numbers.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
 
 SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final")  # optimizer.* of lr shapes
 
@@ -64,7 +72,8 @@ class FeatureCache:
 class FineTuner(L.LightningModule):
     def __init__(self, net: ThawNet, phases: list[Phase], optimizer: dict, num_classes: int,
                  eval_sets: dict[str, list[str]], regularization: dict | None = None, cache_features: bool = False,
-                 keep_probe_weights: bool = False, class_subsets: dict[str, torch.Tensor] | None = None):
+                 keep_probe_weights: bool = False, class_subsets: dict[str, torch.Tensor] | None = None,
+                 channels_last: bool = False, fail_rank: int | None = None):
         super().__init__()
         reg = dict(regularization or {})
         # plain containers only: checkpoints must load with weights_only=True
@@ -75,6 +84,10 @@ class FineTuner(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{stage}_{i}": eval_metrics(num_classes)
                                       for stage, names in eval_sets.items() for i in range(len(names))})
         self.class_subsets = dict(class_subsets or {})  # set name -> the classes its logits are restricted to
+        self.channels_last = channels_last  # inputs in the layout the (channels_last) weights are in
+        self.fail_rank = fail_rank  # ddp.fail_rank: this rank raises in its first training step (tests)
+        self._ddp_trainable: frozenset[str] | None = None  # what the current DDP wrapper all-reduces
+        self.rank_report: dict | None = None  # DDP: each rank's pid, seed and weights at the end of fit
         self.trace: list[dict] = []
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
@@ -95,6 +108,7 @@ class FineTuner(L.LightningModule):
     def on_train_epoch_start(self):
         _, phase, start = phase_at(self.phases, self.current_epoch)
         self.net.apply_phase(phase)
+        self._match_ddp_to_phase()
         optimizer = self.optimizers().optimizer
         if self.current_epoch == start and phase.reset_optimizer:
             optimizer.state.clear()
@@ -109,8 +123,55 @@ class FineTuner(L.LightningModule):
         self.log("trace/trainable_params", float(entry["trainable_params"]), on_epoch=True, on_step=False)
         self.log_dict({f"lr/{g}": lr for g, lr in lrs.items()}, on_epoch=True, on_step=False)
 
+    def _match_ddp_to_phase(self) -> None:
+        """DDP all-reduces the gradients of the parameters that required grad when it wrapped the model. A
+        parameter unfrozen later would train on each rank's own gradients and the ranks would drift apart
+        (Lightning #20340), so whenever a phase changes which parameters train, wrap the module again: the new
+        wrapper broadcasts rank 0's weights and all-reduces exactly the trainable set."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.model, DistributedDataParallel):
+            return
+        trainable = frozenset(n for n, p in self.named_parameters() if p.requires_grad)
+        if trainable != self._ddp_trainable:
+            strategy.model = strategy._setup_model(self)
+            strategy._register_ddp_hooks()
+            self._ddp_trainable = trainable
+
+    def _digests(self) -> dict[str, str]:
+        return {g: hashlib.sha1(b"".join(p.detach().float().cpu().numpy().tobytes() for p in ps)).hexdigest()
+                for g, ps in self.net.named_group_parameters().items()}
+
+    def on_train_start(self):
+        self._start_digests = self._digests() if self.trainer.world_size > 1 else None
+
+    def on_train_end(self):
+        """Under DDP, every rank's pid, seed, a digest of its weights per block group and the groups whose
+        weights changed in fit, gathered from all ranks (results.json `distributed`): the ranks must end fit
+        with identical weights, and exactly the groups the schedule trained must have moved."""
+        if self.trainer.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        digests = self._digests()
+        mine = {"rank": self.global_rank, "pid": os.getpid(), "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+                "weights": digests, "changed": [g for g, d in digests.items() if d != self._start_digests[g]]}
+        everyone: list = [None] * self.trainer.world_size
+        dist.all_gather_object(everyone, mine)
+        self.rank_report = {"world_size": self.trainer.world_size, "backend": dist.get_backend(),
+                            "ranks": everyone}
+
+    @property
+    def ranks_in_sync(self) -> bool | None:
+        if self.rank_report is None:
+            return None
+        return all(r["weights"] == self.rank_report["ranks"][0]["weights"] for r in self.rank_report["ranks"])
+
     def _logits(self, stage: str, batch, dataloader_idx: int = 0) -> torch.Tensor:
         x, _, idx = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         use_cache = self.cache is not None and self.net.backbone_frozen and stage != "test"
         if not use_cache:
             return self.net(x)
@@ -120,6 +181,8 @@ class FineTuner(L.LightningModule):
         return self.net.head(feats)
 
     def training_step(self, batch, batch_idx):
+        if self.fail_rank is not None and self.global_rank == self.fail_rank:
+            raise RuntimeError(f"injected failure on rank {self.global_rank} (ddp.fail_rank={self.fail_rank})")
         y = batch[1]
         loss = F.cross_entropy(self._logits("train", batch), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))

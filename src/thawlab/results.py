@@ -52,23 +52,29 @@ def atomic_write_json(path: Path, payload: dict) -> None:
 class RunRecord:
     """Collects what a run produces and writes it once, at the end, success or failure."""
 
-    def __init__(self, run_dir: Path, config: dict, seed: int, overrides: list[str] | None = None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / DONE).unlink(missing_ok=True)  # a rerun in the same directory is not done yet
+    def __init__(self, run_dir: Path, config: dict, seed: int, overrides: list[str] | None = None,
+                 write: bool = True):
+        """write=False: keep the record in memory only (DDP ranks other than 0)."""
+        self.run_dir, self.write = Path(run_dir), write
+        if write:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / DONE).unlink(missing_ok=True)  # a rerun in the same directory is not done yet
         self.payload = {"status": "running", "metrics": {}, "counts": {}, "selection": None, "config": config,
                         "overrides": list(overrides or []), "versions": versions(), "seed": seed,
                         "git": git_state(), "trace": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def finish(self, **fields) -> None:
         self.payload.update(fields, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if not self.write:
+            return
         atomic_write_json(self.run_dir / RESULTS, self.payload)
         (self.run_dir / DONE).write_text(self.payload["finished"] + "\n")
 
     def fail(self, error: BaseException, **fields) -> None:
         self.payload.update(fields, status="failed", error=f"{type(error).__name__}: {error}",
                             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        atomic_write_json(self.run_dir / RESULTS, self.payload)
+        if self.write:
+            atomic_write_json(self.run_dir / RESULTS, self.payload)
 
 
 def read_results(path) -> dict:

@@ -2,6 +2,7 @@
 ID validation on every set, write results.json (and `done` last)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -24,48 +25,115 @@ def conf_dir() -> str:
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
 
 
+def job_of_hydra() -> dict:
+    """What a run needs to know about its Hydra job; plain data, so a DDP rank process gets it too."""
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    return {"run_dir": hc.runtime.output_dir, "overrides": list(hc.overrides.task),
+            "name": hc.job.override_dirname or hc.job.name,
+            "group": Path(hc.sweep.dir).name if multirun else "single", "multirun": multirun}
+
+
 def train(cfg: DictConfig) -> dict:
+    """The Hydra task: one job (a single run, or one job of a sweep). A DDP job this process has to start
+    itself is supervised here and runs in rank processes of its own (thawlab.ranks)."""
+    from thawlab import ranks
+
+    job = job_of_hydra()
+    run_dir = Path(job["run_dir"])
+    if job["multirun"] and (run_dir / DONE).exists():  # a relaunched sweep: this job finished before
+        print(f"skipping {run_dir.name}: done ({run_dir / DONE})", file=sys.stderr)
+        return read_results(run_dir)["metrics"]
+    n = ranks.must_start_ranks(cfg)
+    if not n:
+        return run(cfg, job)
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed, overrides=job["overrides"])
+    try:
+        _prepare(cfg)  # once, here: bad input is one line before any rank starts; the cache is filled once
+        ranks.launch(cfg, job, n)
+    except BaseException as e:
+        _mark_failed(record, e)
+        raise
+    return read_results(run_dir)["metrics"]
+
+
+def _prepare(cfg: DictConfig) -> None:
+    from thawlab import ranks
+    from thawlab.build import check_config
+    from thawlab.pretrain import source_weights
+
+    check_config(cfg)
+    ranks.check(cfg)
+    if cfg.backbone.pretrained == "source":
+        source_weights(cfg)
+
+
+def _mark_failed(record: RunRecord, e: BaseException) -> None:
+    """results.json of a DDP job whose rank failed: rank 0's record (its trace), with the root cause."""
+    path = record.run_dir / "results.json"
+    try:
+        written = json.loads(path.read_text())
+        if written.get("status") == "failed":
+            record.payload.update({k: v for k, v in written.items() if k in ("trace", "distributed")})
+    except (OSError, ValueError):
+        pass
+    record.fail(e)
+
+
+def run(cfg: DictConfig, job: dict) -> dict:
+    """Compose, build, fit phase by phase, test the selected checkpoint, write results.json (rank 0)."""
     # torch, lightning and timm are imported here, not at the top: `--help`, `--cfg` and config errors
     # answer in a second instead of the five that importing them takes
+    from thawlab import ranks
+
+    rank = ranks.global_rank()
     import lightning as L
 
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
-    from thawlab.build import print_metrics, print_partition, print_wise
+    from thawlab.build import prepare_for_device, print_metrics, print_partition, print_wise
     from thawlab.pretrain import source_weights
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if _multirun() and (run_dir / DONE).exists():  # a relaunched sweep: this job finished before
-        print(f"skipping {run_dir.name}: done ({run_dir / DONE})", file=sys.stderr)
-        return read_results(run_dir)["metrics"]
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed,
-                       overrides=list(HydraConfig.get().overrides.task))
+    run_dir = Path(job["run_dir"])
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed, overrides=job["overrides"],
+                       write=rank == 0)
+    say = console.print if rank == 0 else (lambda *a, **k: None)
     module, failed = None, True
     try:
         check_config(cfg)
-        ckpt_path = resume_path(cfg.ckpt_path, run_dir)
-        if ckpt_path is None:  # a fresh start: checkpoints of an earlier, failed attempt must not linger
+        ranks.check(cfg)
+        ckpt_path = resume_path(cfg.ckpt_path, run_dir, job["multirun"])
+        if ckpt_path is None and rank == 0:  # a fresh start: checkpoints of an earlier attempt must not linger
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=rank == 0)
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
             pretrained = str(source_weights(cfg))
         dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
         net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained)
-        console.print(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
+        prepare_for_device(cfg, net)
+        say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
-        print_partition(net, module.phases)
+        if rank == 0:
+            print_partition(net, module.phases)
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
-        logger = make_logger(save_dir=str(run_dir), name=_job_name(), group=_group(),
-                             run_config=record.payload["config"])
-        trainer = build_trainer(cfg.trainer, run_dir, logger)
+        logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
+                             run_config=record.payload["config"], resume=ckpt_path is not None)
+        trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
+        if trainer.world_size > 1:
+            say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
+                f"across ranks at the end of fit: {module.ranks_in_sync}")
         metrics, selection, wise = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
-        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise)
+        if rank != 0:
+            failed = False
+            return metrics
+        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
+                      distributed=module.rank_report)
         print_metrics(metrics)
         if wise:
             print_wise(wise)
-        console.print(f"results: {run_dir / 'results.json'}")
+        say(f"results: {run_dir / 'results.json'}")
         failed = False
         return metrics
     except BaseException as e:
@@ -88,13 +156,15 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     best = trainer.checkpoint_callback.best_model_path
     trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
+    if trainer.global_rank != 0:  # what follows runs in one process: evaluations on top, files
+        return metrics, {}, None
     net = module.net
     if cfg.backbone.pretrained == "source":
         extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
     if cfg.export or cfg.schedule.get("adapter"):
         export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
     if cfg.schedule.get("alphas"):
-        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test"), dm.num_classes, list(cfg.schedule.alphas),
+        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test", distributed=False), dm.num_classes, list(cfg.schedule.alphas),
                           dm.class_subsets)
         extra.update({k: v for point in wise for k, v in point["metrics"].items()})
     if trainer.logger and extra:
@@ -105,13 +175,17 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     return {**metrics, **extra}, selection, wise
 
 
-def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """ckpt_path=last: this run directory's checkpoints/last.ckpt (the end of its latest epoch)."""
+def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) -> str | None:
+    """ckpt_path=last: this run directory's checkpoints/last.ckpt (the end of its latest epoch). In a sweep
+    (`-m ... ckpt_path=last`, or a SLURM job requeued after preemption) a job with no last.ckpt yet starts
+    fresh: one command resumes the interrupted jobs and runs the ones that never started."""
     if ckpt_path != "last":
         if ckpt_path is not None and not Path(ckpt_path).is_file():
             raise ThawlabError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
         return ckpt_path
     path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file() and multirun:
+        return None
     if not path.is_file():
         raise ThawlabError(f"ckpt_path=last: {path} does not exist; rerun in the directory of the run to resume "
                            f"(hydra.run.dir=...) or pass a checkpoint file")
@@ -129,15 +203,6 @@ def pretrain(cfg: DictConfig) -> None:
 
 def _float(x):
     return None if x is None else float(x)
-
-
-def _job_name() -> str:
-    hc = HydraConfig.get()
-    return hc.job.override_dirname or hc.job.name
-
-
-def _group() -> str:
-    return Path(HydraConfig.get().sweep.dir).name if _multirun() else "single"
 
 
 def _multirun() -> bool:
@@ -158,13 +223,13 @@ def _hydra_main(cfg: DictConfig):
                   f"{user_error(e) or f'{type(e).__name__}: {e}'}", file=sys.stderr)
             return None
         if isinstance(e, ThawlabError):
-            _exit_with(str(e))  # here, not after Hydra has printed its own "Error executing job" line
+            _exit_with(str(e), getattr(e, "exit_code", 2))  # here, not after Hydra has printed its own "Error executing job" line
         raise
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, code: int = 2) -> None:
     print(f"thawlab-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main() -> None:
@@ -179,7 +244,7 @@ def main() -> None:
         message = user_error(e)
         if message is None:
             raise
-        _exit_with(message)
+        _exit_with(message, getattr(e, "exit_code", 2))
     if sweep.failed_jobs:
         sys.exit(1)
 
