@@ -250,12 +250,14 @@ def test_missing_files_list_the_files_their_source_and_option(tmp_path):
         Cifar10(str(tmp_path), ood=["cifar10_1", "cifar10_c"], corruptions=["fog"], download=False).num_classes
     msg = str(e.value)
     assert "\n" not in msg
-    for needle in ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch", "cifar-10-python.tar.gz",
-                   "data.paths.cifar10", "data.download=true", "cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy",
-                   "modestyachts/CIFAR-10.1", "data.paths.cifar10_1", "CIFAR-10-C/fog.npy", "CIFAR-10-C/labels.npy",
+    for needle in ("cifar-10-batches-py/{data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, "
+                   "test_batch}", "cifar-10-python.tar.gz",
+                   "data.download=true fetches it, or point data.paths.cifar10 at a copy", "CIFAR-10.1/{cifar10.1_v6_data.npy, cifar10.1_v6_labels.npy}",
+                   "modestyachts/CIFAR-10.1", "data.paths.cifar10_1", "CIFAR-10-C/{fog.npy, labels.npy}",
                    "zenodo.org/records/2535967", "data.paths.cifar10_c"):
         assert needle in msg, (needle, msg)
-    with pytest.raises(ThawlabError, match=r"ImageNet-R: missing .*imagenet-r .*hendrycks.*data\.paths\.imagenet_r"):
+    with pytest.raises(ThawlabError, match=r"ImageNet-R: missing .*imagenet-r \(from .*hendrycks.*; download it by "
+                                           r"hand, then point data\.paths\.imagenet_r at the folder\)$"):
         fake = tmp_path / "in"
         for split in ("train", "val"):
             (fake / split / WNIDS[0]).mkdir(parents=True)
@@ -300,7 +302,7 @@ def test_bad_folders_name_the_folder_and_the_classes(fakes, tmp_path):
     with pytest.raises(ThawlabError, match=r"data\.ood=\['ood_sketch'\]: expected \{name: folder"):
         ImageFolders(str(root), ood=["ood_sketch"]).check()
     with pytest.raises(ThawlabError, match=r"data\.root is not set"):
-        ImageFolders("???").check()
+        ImageFolders().check()
     write_images(tmp_path / "in" / "train", {WNIDS[0]: 0}, 1)
     write_images(tmp_path / "in" / "val", {WNIDS[0]: 0}, 1)
     write_images(tmp_path / "in" / "imagenetv2-matched-frequency-format-val", {"0": 0, "7": 0}, 1)

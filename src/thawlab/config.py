@@ -242,7 +242,7 @@ class FolderPaths:
 @dataclass
 class ImageFolderConfig(DataConfig):
     _target_: str = "thawlab.data.folders.ImageFolders"
-    root: str = MISSING
+    root: Optional[str] = None  # required: the folder holding train/ (val/) test/
     paths: FolderPaths = field(default_factory=FolderPaths)
     ood: Any = None  # {name: folder}, or null: the test set ood/<name>
     val_fraction: float = 0.1  # without a val folder: this fraction of each class held out of train

@@ -39,8 +39,7 @@ DEFAULT_PATHS = {"cifar10": "cifar-10-batches-py", "cifar10_1": "CIFAR-10.1", "c
 SOURCES = {
     "cifar10": Source("CIFAR-10", "Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                       "data.paths.cifar10", download=True),
-    "cifar10_1": Source("CIFAR-10.1 v6", "Recht et al. 2018, https://github.com/modestyachts/CIFAR-10.1 "
-                        "(datasets/)", "data.paths.cifar10_1", download=True),
+    "cifar10_1": Source("CIFAR-10.1 v6", "Recht et al. 2018, https://github.com/modestyachts/CIFAR-10.1/tree/master/datasets", "data.paths.cifar10_1", download=True),
     "cifar10_c": Source("CIFAR-10-C", "Hendrycks and Dietterich 2019, "
                         "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar", "data.paths.cifar10_c",
                         download=True),

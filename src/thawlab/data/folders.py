@@ -20,7 +20,7 @@ DEFAULT_PATHS = {"train": "train", "val": "val", "test": "test"}
 class ImageFolders(RealImageSets):
     """train/val/test folders plus named OOD folders (see the module docstring)."""
 
-    def __init__(self, root: str, paths: dict | None = None, ood: dict | None = None, val_fraction: float = 0.1,
+    def __init__(self, root: str | None = None, paths: dict | None = None, ood: dict | None = None, val_fraction: float = 0.1,
                  train_per_class: int | None = None, split_seed: int = 0, augment: str | None = None,
                  crop_pct: float = 0.875, **loader_kwargs):
         super().__init__(augment=augment, crop_pct=crop_pct, **loader_kwargs)
@@ -30,7 +30,7 @@ class ImageFolders(RealImageSets):
     def _check(self):
         ood, val_fraction, paths = self.ood_arg, self.val_fraction, self.paths
         check_choices("data.paths", list(paths), list(DEFAULT_PATHS), "split")
-        self.root = check_root(self.root_arg)
+        self.root = check_root(self.root_arg, hint="<the folder holding train/ (val/) test/>")
         self.dirs = {k: resolve(self.root, v) if v else None for k, v in paths.items()}
         for k in ("train", "test"):
             if not self.dirs[k].is_dir():

@@ -27,7 +27,7 @@ DEFAULT_PATHS = {"train": "train", "val": "val", "imagenet_v2": "imagenetv2-matc
                  "imagenet_r": "imagenet-r", "imagenet_sketch": "sketch", "imagenet_a": "imagenet-a"}
 _IMAGENET = Source("ImageNet (ILSVRC-2012)", "Russakovsky et al. 2015, https://image-net.org/download.php after "
                    "registering; sort val into <wnid> folders, e.g. with valprep.sh of "
-                   "https://github.com/soumith/imagenetloader.torch", "data.root (or data.paths.train, data.paths.val)")
+                   "https://github.com/soumith/imagenetloader.torch", "data.root (or data.paths.train and data.paths.val)")
 SOURCES = {
     "train": _IMAGENET,
     "val": _IMAGENET,
@@ -58,9 +58,12 @@ class ImageNet(RealImageSets):
         check_choices("data.paths", list(self.paths), list(DEFAULT_PATHS), "set")
         self.root = check_root(self.root_arg or str(Path(default_root()) / "imagenet"))
         self.dirs = {k: resolve(self.root, self.paths.get(k) or v) for k, v in DEFAULT_PATHS.items()}
-        missing = [k for k in ("train", "val", *self.ood) if not self.dirs[k].is_dir()]
+        missing: dict[Source, list[Path]] = {}  # train and val share a source: one message
+        for k in ("train", "val", *self.ood):
+            if not self.dirs[k].is_dir():
+                missing.setdefault(SOURCES[k], []).append(self.dirs[k])
         if missing:
-            raise ThawlabError("; ".join(str(SOURCES[k].missing(self.dirs[k], [""])) for k in missing))
+            raise ThawlabError("; ".join(str(source.missing(folders)) for source, folders in missing.items()))
         # everything below reads folder names only: cheap, and wrong folders fail before the model is built
         self.wnids = class_dirs(self.dirs["train"])
         if not self.wnids:

@@ -28,10 +28,11 @@ def default_root() -> str:
     return os.environ.get("THAWLAB_DATA", os.path.join(os.path.expanduser("~"), "data"))
 
 
-def check_root(root: str | os.PathLike, key: str = "data.root", create: bool = False) -> Path:
+def check_root(root: str | os.PathLike | None, key: str = "data.root", create: bool = False,
+               hint: str = "/path/to/the/data") -> Path:
+    if root in (None, "", "???"):
+        raise ThawlabError(f"{key} is not set: pass {key}={hint}")
     root = Path(str(root)).expanduser()
-    if str(root) == "???":
-        raise ThawlabError(f"{key} is not set: pass {key}=/path/to/the/data")
     if not root.is_dir():
         if create and not root.exists():
             root.mkdir(parents=True)
@@ -68,12 +69,17 @@ class Source:
     option: str  # the config key that points at the folder
     download: bool = False  # whether data.download=true can fetch it
 
-    def missing(self, folder: Path, files: Sequence[str], reason: str = "") -> ThawlabError:
-        listed = ", ".join(str(folder / f) if f else str(folder) for f in files)
-        fix = ("set data.download=true to fetch it, or " if self.download and not reason
-               else "download it by hand and ")
-        return ThawlabError(f"{self.name}: missing {listed}{reason} (from {self.origin}; {fix}point "
-                            f"{self.option} at the folder that holds it)")
+    def missing(self, folder: Path | Sequence[Path], files: Sequence[str] = (), reason: str = "") -> ThawlabError:
+        """files: names inside folder; none: the folder (or each of several folders) itself is missing."""
+        if not isinstance(folder, Path):
+            listed = ", ".join(map(str, folder))
+        elif len(files) > 1:
+            listed = f"{folder}/{{{', '.join(files)}}}"
+        else:
+            listed = str(folder / files[0]) if files else str(folder)
+        fix = (f"data.download=true fetches it, or point {self.option} at a copy" if self.download and not reason
+               else f"download it by hand, then point {self.option} at the folder")
+        return ThawlabError(f"{self.name}: missing {listed}{reason} (from {self.origin}; {fix})")
 
 
 def missing_files(folder: Path, files: Sequence[str]) -> list[str]:
