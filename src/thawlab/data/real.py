@@ -110,7 +110,8 @@ class ToMode:
 
 
 def eval_transform(p: Preprocess, crop_pct: float = 0.875) -> Callable:
-    """Resize the shorter side to img_size / crop_pct, centre-crop img_size (crop_pct=1: the whole image)."""
+    """Resize the shorter side to img_size / crop_pct, centre-crop img_size (crop_pct=1: the central square,
+    so a square image is kept whole: CIFAR at 32x32 loses no pixel)."""
     import torchvision.transforms as T
 
     size = p.img_size
