@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from thawlab.data.real import ArrayImages, RealImageSets, Source, check_choices, check_root, check_severities
-from thawlab.data.real import default_root, missing_files, resolve
+from thawlab.data.real import default_root, missing_files, resolve, split_per_class
 from thawlab.errors import ThawlabError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -39,7 +39,8 @@ DEFAULT_PATHS = {"cifar10": "cifar-10-batches-py", "cifar10_1": "CIFAR-10.1", "c
 SOURCES = {
     "cifar10": Source("CIFAR-10", "Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                       "data.paths.cifar10", download=True),
-    "cifar10_1": Source("CIFAR-10.1 v6", "Recht et al. 2018, https://github.com/modestyachts/CIFAR-10.1/tree/master/datasets", "data.paths.cifar10_1", download=True),
+    "cifar10_1": Source("CIFAR-10.1 v6", "Recht et al. 2018, https://github.com/modestyachts/CIFAR-10.1/tree/master/"
+                        "datasets", "data.paths.cifar10_1", download=True),
     "cifar10_c": Source("CIFAR-10-C", "Hendrycks and Dietterich 2019, "
                         "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar", "data.paths.cifar10_c",
                         download=True),
@@ -163,8 +164,6 @@ class Cifar10(RealImageSets):
         self.check_files(" (not in the downloaded files)")
 
     def build(self, train_tf, eval_tf):
-        from thawlab.data.real import split_per_class
-
         d = self.dirs
         x, y = read_cifar_batches(d["cifar10"], [f"data_batch_{i}" for i in range(1, 6)])
         tr, va = split_per_class(y, self.split_seed, val_per_class=self.val_per_class,

@@ -20,8 +20,8 @@ DEFAULT_PATHS = {"train": "train", "val": "val", "test": "test"}
 class ImageFolders(RealImageSets):
     """train/val/test folders plus named OOD folders (see the module docstring)."""
 
-    def __init__(self, root: str | None = None, paths: dict | None = None, ood: dict | None = None, val_fraction: float = 0.1,
-                 train_per_class: int | None = None, split_seed: int = 0, augment: str | None = None,
+    def __init__(self, root: str | None = None, paths: dict | None = None, ood: dict | None = None,
+                 val_fraction: float = 0.1, train_per_class: int | None = None, split_seed: int = 0, augment: str | None = None,
                  crop_pct: float = 0.875, **loader_kwargs):
         super().__init__(augment=augment, crop_pct=crop_pct, **loader_kwargs)
         self.root_arg, self.paths, self.ood_arg = root, {**DEFAULT_PATHS, **(paths or {})}, ood
@@ -37,14 +37,15 @@ class ImageFolders(RealImageSets):
                 raise ThawlabError(f"data.paths.{k}={self.dirs[k]}: no such directory (data=imagefolder needs "
                                    f"train/ and test/ class folders under data.root)")
         if self.dirs["val"] is not None and not self.dirs["val"].is_dir():
-            if paths["val"] != DEFAULT_PATHS["val"]:  # a folder the user named must exist; the default one may be absent
+            if paths["val"] != DEFAULT_PATHS["val"]:  # a folder the user named must exist; the default may not
                 raise ThawlabError(f"data.paths.val={self.dirs['val']}: no such directory "
                                    f"(data.paths.val=null holds validation images out of train/)")
             self.dirs["val"] = None
         if not 0 < val_fraction < 1:
             raise ThawlabError(f"data.val_fraction={val_fraction}: outside (0, 1)")
         if ood is not None and not isinstance(ood, dict):
-            raise ThawlabError(f"data.ood={ood!r}: expected {{name: folder, ...}}, e.g. data.ood={{sketch:/data/sketch}}")
+            raise ThawlabError(f"data.ood={ood!r}: expected {{name: folder, ...}}, "
+                               f"e.g. data.ood={{sketch:/data/sketch}}")
         self.ood = {}
         for name, path in (ood or {}).items():
             if not name or "/" in name or name == "mean":
@@ -61,7 +62,8 @@ class ImageFolders(RealImageSets):
         train = self.dirs["train"]
         self.maps = {k: map_classes(self.dirs[k], self.classes, f"data.paths.{k}", train)
                      for k in ("val", "test") if self.dirs[k] is not None}
-        self.maps.update({f"ood/{n}": map_classes(f, self.classes, f"data.ood.{n}", train) for n, f in self.ood.items()})
+        for n, folder in self.ood.items():
+            self.maps[f"ood/{n}"] = map_classes(folder, self.classes, f"data.ood.{n}", train)
 
     def build(self, train_tf, eval_tf):
         files, labels = scan(self.dirs["train"], self.classes, "data.paths.train")

@@ -27,7 +27,8 @@ DEFAULT_PATHS = {"train": "train", "val": "val", "imagenet_v2": "imagenetv2-matc
                  "imagenet_r": "imagenet-r", "imagenet_sketch": "sketch", "imagenet_a": "imagenet-a"}
 _IMAGENET = Source("ImageNet (ILSVRC-2012)", "Russakovsky et al. 2015, https://image-net.org/download.php after "
                    "registering; sort val into <wnid> folders, e.g. with valprep.sh of "
-                   "https://github.com/soumith/imagenetloader.torch", "data.root (or data.paths.train and data.paths.val)")
+                   "https://github.com/soumith/imagenetloader.torch",
+                   "data.root (or data.paths.train and data.paths.val)")
 SOURCES = {
     "train": _IMAGENET,
     "val": _IMAGENET,
