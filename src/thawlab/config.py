@@ -190,6 +190,85 @@ class DigitsConfig(DataConfig):
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
+DATA_ROOT = "${oc.env:THAWLAB_DATA,${oc.env:HOME}/data}"  # where the real data sets live by default
+
+
+@dataclass
+class CifarPaths:
+    """Folders of each set: relative to data.root, or absolute."""
+
+    cifar10: str = "cifar-10-batches-py"
+    cifar10_1: str = "CIFAR-10.1"
+    cifar10_c: str = "CIFAR-10-C"
+    stl10: str = "stl10_binary"
+
+
+@dataclass
+class Cifar10Config(DataConfig):
+    _target_: str = "thawlab.data.cifar.Cifar10"
+    root: str = DATA_ROOT
+    paths: CifarPaths = field(default_factory=CifarPaths)
+    download: bool = False  # fetch missing files (torchvision's downloader) from their public URLs
+    val_per_class: int = 500  # held out from the training batches for model selection
+    train_per_class: Optional[int] = None  # at most this many training images per class (null: all)
+    split_seed: int = 0
+    ood: list[str] = field(default_factory=lambda: ["cifar10_1", "stl10", "cifar10_c"])
+    corruptions: list[str] = field(default_factory=lambda: [
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+        "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    augment: str = "crop_flip"  # none | crop_flip | resized_crop
+    crop_pct: float = 1.0  # evaluation: resize to img_size / crop_pct, centre-crop img_size
+    img_size: int = 32
+
+
+@dataclass
+class ImageNetPaths:
+    """Folders of each set: relative to data.root, or absolute."""
+
+    train: str = "train"
+    val: str = "val"
+    imagenet_v2: str = "imagenetv2-matched-frequency-format-val"
+    imagenet_r: str = "imagenet-r"
+    imagenet_sketch: str = "sketch"
+    imagenet_a: str = "imagenet-a"
+
+
+@dataclass
+class ImageNetConfig(DataConfig):
+    _target_: str = "thawlab.data.imagenet.ImageNet"
+    root: str = DATA_ROOT + "/imagenet"
+    paths: ImageNetPaths = field(default_factory=ImageNetPaths)
+    val_per_class: int = 10
+    train_per_class: Optional[int] = None
+    split_seed: int = 0
+    ood: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"])
+    augment: str = "resized_crop"
+    crop_pct: float = 0.875
+    img_size: int = 224
+
+
+@dataclass
+class FolderPaths:
+    train: str = "train"
+    val: Optional[str] = "val"  # null: hold data.val_fraction out of train
+    test: str = "test"
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    _target_: str = "thawlab.data.folders.ImageFolders"
+    root: Optional[str] = None  # required: the folder holding train/ (val/) test/
+    paths: FolderPaths = field(default_factory=FolderPaths)
+    ood: Any = None  # {name: folder}, or null: the test set ood/<name>
+    val_fraction: float = 0.1  # without a val folder: this fraction of each class held out of train
+    train_per_class: Optional[int] = None
+    split_seed: int = 0
+    augment: str = "resized_crop"
+    crop_pct: float = 0.875
+    img_size: int = 224
+
+
 @dataclass
 class HeadConfig:
     _target_: str = MISSING
@@ -236,7 +315,8 @@ class TrainConfig:
 
 
 SCHEMAS = {  # group -> option schema; each option names its schema first in its defaults list
-    "data": {"digits": DigitsConfig},
+    "data": {"digits": DigitsConfig, "cifar10": Cifar10Config, "imagenet": ImageNetConfig,
+             "imagefolder": ImageFolderConfig},
     "head": {"head": HeadConfig, "mlp": MLPHeadConfig, "cosine": CosineHeadConfig},
     "logger": {"logger": LoggerConfig},
     "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
