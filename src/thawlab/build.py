@@ -106,7 +106,14 @@ def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "
     node = data_cfg.source if task == "source" else data_cfg
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
               if k not in ("source", "pretrain", "img_size")}
-    dm = instantiate(kwargs, shuffle_seed=shuffle_seed, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    try:
+        dm = instantiate(kwargs, shuffle_seed=shuffle_seed, _convert_="all")
+    except InstantiationException as e:  # a bad data option is the user's one line, not Hydra's wrapper
+        if isinstance(e.__cause__, ThawlabError):
+            raise e.__cause__ from None
+        raise
     dm.preprocess = preprocess  # set after: instantiate would turn the dataclass into a dict
     return dm
 

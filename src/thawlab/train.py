@@ -59,11 +59,12 @@ def train(cfg: DictConfig) -> dict:
 
 def _prepare(cfg: DictConfig) -> None:
     from thawlab import ranks
-    from thawlab.build import check_config
+    from thawlab.build import build_datamodule, check_config
     from thawlab.pretrain import source_weights
 
     check_config(cfg)
     ranks.check(cfg)
+    build_datamodule(cfg.data, None, shuffle_seed=cfg.seed).prepare_data()  # checks files, downloads once
     if cfg.backbone.pretrained == "source":
         source_weights(cfg)
 
@@ -105,10 +106,12 @@ def run(cfg: DictConfig, job: dict) -> dict:
         if ckpt_path is None and rank == 0:  # a fresh start: checkpoints of an earlier attempt must not linger
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         L.seed_everything(cfg.seed, workers=True, verbose=rank == 0)
+        dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)  # bad data options fail before pretraining
+        if rank == 0:
+            dm.prepare_data()  # downloads (data.download=true) in one process; a DDP supervisor did it already
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
             pretrained = str(source_weights(cfg))
-        dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
         net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained)
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
