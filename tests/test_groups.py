@@ -42,9 +42,6 @@ FAMILIES = {
     "metaformer": ("poolformer_s12", {}),
 }
 NO_MATCHER = {"pit", "metaformer"}
-# Families whose training is known to fail (none now: build_net sizes the head by head_hidden_size, the
-# width of the pooled features, which for mobilenetv3 and mambaout is not num_features).
-HEAD_WIDTH_BUG: set[str] = set()
 
 # schedule -> (overrides, trainable groups per epoch of a 2-epoch run, given the backbone groups in forward
 # order). A new schedule is one more line here.
@@ -172,10 +169,7 @@ def _kwargs_overrides(kwargs: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason="build_net sizes the head "
-                                            "by num_features, not head_hidden_size")) if f in HEAD_WIDTH_BUG else f
-    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_smoke_training_trains_the_scheduled_groups(run, family, schedule):
     name, kwargs = FAMILIES[family]
     overrides, expected = SCHEDULES[schedule]
