@@ -15,7 +15,7 @@ from PIL import Image
 import thawlab
 from conftest import add_callbacks, cli
 from thawlab.data import cifar
-from thawlab.data.cifar import CLASSES, Cifar10
+from thawlab.data.cifar import CLASSES, Cifar10, Cifar10C
 from thawlab.data.digits import Preprocess
 from thawlab.data.folders import ImageFolders
 from thawlab.data.imagenet import ImageNet
@@ -373,3 +373,60 @@ def test_cli_bad_root_and_mismatched_ood_folder_exit_2(fakes, tmp_path, cache_di
     r = cli("data=imagefolder", f"data.root={fakes['folders'][0]}", f"data.ood={{odd:{tmp_path}/odd}}", *FAST,
             f"hydra.run.dir={tmp_path}/b", cwd=tmp_path, cache=cache_dir, env=ENV, timeout=120)
     _one_line_error(r, f"data.ood.odd={tmp_path}/odd", "wolf")
+
+
+# ---- data=cifar10c: a corruption as the target task (surgical fine-tuning) ---------------------------------
+@pytest.fixture(scope="module")
+def cifar10c_root(tmp_path_factory, fakes):
+    """CIFAR-10-C with 5 images per class and severity (red of pixel (0, 0) = severity) beside the fake CIFAR-10."""
+    root = tmp_path_factory.mktemp("c10c")
+    (root / "cifar-10-batches-py").symlink_to(fakes["cifar"][0] / "cifar-10-batches-py")
+    cc = root / "CIFAR-10-C"
+    cc.mkdir()
+    labels = [c for c in range(10) for _ in range(5)]
+    np.save(cc / "labels.npy", np.array(labels * 5, dtype=np.uint8))
+    np.save(cc / "fog.npy", np.stack([image(c, 500 + k, extra=s) for s in range(1, 6) for k, c in enumerate(labels)]))
+    return root
+
+
+def test_cifar10c_target_splits_one_severity_per_class_without_overlap(cifar10c_root):
+    dm = setup(Cifar10C(str(cifar10c_root), corruption="fog", severity=4, train_per_class=2, val_per_class=1,
+                        num_workers=0))
+    train, val, test = dm.train_set, dm.sets["val"]["id"], dm.sets["test"]["id"]
+    assert (len(train), len(val), len(test)) == (20, 10, 20)  # 2 / 1 / the remaining 2 per class
+    assert list(dm.sets["test"]) == ["id", "ood/cifar10"] and len(dm.sets["test"]["ood/cifar10"]) == 20
+    idx = [set(ds.index.tolist()) for ds in (train, val, test)]
+    assert not (idx[0] & idx[1] or idx[0] & idx[2] or idx[1] & idx[2])
+    for ds in (train, val, test):
+        assert_markers(ds)
+        assert {ds.image(i).getpixel((0, 0))[0] for i in range(len(ds))} == {4}  # severity 4 only
+        assert np.bincount(ds.labels[ds.index], minlength=10).tolist() == [len(ds) // 10] * 10
+    again = setup(Cifar10C(str(cifar10c_root), corruption="fog", severity=4, train_per_class=2, val_per_class=1,
+                           test_per_class=1, ood=[], num_workers=0))
+    assert again.train_set.index.tolist() == train.index.tolist()  # fixed by split_seed, not the run's seed
+    assert len(again.sets["test"]["id"]) == 10 and list(again.sets["test"]) == ["id"]
+
+
+@pytest.mark.parametrize("kwargs,needles", [
+    ({"corruption": "fogg"}, ["data.corruption", "'fogg'", "did you mean fog"]),
+    ({"severity": 6}, ["data.severities", "6", "1..5"]),
+    ({"ood": ["stl10"]}, ["data.ood", "'stl10' for data=cifar10c"]),
+    ({"train_per_class": 0}, ["data.train_per_class=0"]),
+], ids=["corruption", "severity", "ood", "train_per_class"])
+def test_bad_cifar10c_options_name_the_value(cifar10c_root, kwargs, needles):
+    with pytest.raises(ThawlabError) as e:
+        Cifar10C(str(cifar10c_root), **{"corruption": "fog", **kwargs}).check()
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_cifar10c_too_few_images_left_for_a_test_set(cifar10c_root):
+    with pytest.raises(ThawlabError, match=r"data\.train_per_class=4: class 0 has 4 images after validation"):
+        setup(Cifar10C(str(cifar10c_root), corruption="fog", train_per_class=4, val_per_class=1, num_workers=0))
+
+
+def test_cifar10c_end_to_end(run, cifar10c_root):
+    r = run("data=cifar10c", f"data.root={cifar10c_root}", "data.corruption=fog", "data.train_per_class=2",
+            "data.val_per_class=1", *FAST, smoke=False)
+    assert r["status"] == "done"
+    assert r["counts"] == {"test/id": 20, "val/id": 10, "test/ood/cifar10": 20}

@@ -69,9 +69,12 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     layer_decay: float = 1.0  # in (0, 1]: group lr x layer_decay ** (groups between it and the head)
-    # lr shape within each phase: cosine | constant | stlr (ULMFiT) | one_cycle (fastai); a phase may set its own
+    # lr shape within each phase: cosine | constant | step | stlr (ULMFiT) | one_cycle (fastai); a phase may set
+    # its own
     schedule: str = "cosine"
-    warmup_epochs: float = 0.0  # cosine and constant: linear warm-up at the start of each phase
+    warmup_epochs: float = 0.0  # cosine, constant and step: linear warm-up at the start of each phase
+    milestones: list[float] = field(default_factory=lambda: [0.5])  # step: fractions of the phase where lr drops
+    gamma: float = 0.1  # step: lr x gamma at each milestone
     cut_frac: float = 0.1  # stlr: fraction of the phase's steps spent increasing the lr
     ratio: float = 32.0  # stlr: how much smaller the lowest lr is than the maximum
     pct_start: float = 0.25  # one_cycle: fraction of the phase's steps spent increasing the lr
@@ -162,6 +165,10 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: Any = "auto"  # auto: on when training on a GPU
     persistent_workers: Any = "auto"  # auto: on a GPU with num_workers > 0
+    # a source task to pretrain on (backbone.pretrained=source) and its recipe: data=digits has them; for the
+    # others they stay empty, and debug=smoke's shrunken settings for them are ignored
+    source: Any = None
+    pretrain: Any = None
 
 
 @dataclass
@@ -219,6 +226,26 @@ class Cifar10Config(DataConfig):
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     augment: str = "crop_flip"  # none | crop_flip | resized_crop
     crop_pct: float = 1.0  # evaluation: resize to img_size / crop_pct, centre-crop img_size
+    img_size: int = 32
+
+
+@dataclass
+class Cifar10CConfig(DataConfig):
+    """data=cifar10c: one CIFAR-10-C corruption at one severity as the target task (surgical fine-tuning)."""
+
+    _target_: str = "thawlab.data.cifar.Cifar10C"
+    root: str = DATA_ROOT
+    paths: CifarPaths = field(default_factory=CifarPaths)
+    download: bool = False
+    corruption: str = "gaussian_noise"
+    severity: int = 5
+    train_per_class: int = 100  # Lee et al.: 100 labelled corrupted images per class
+    val_per_class: int = 10
+    test_per_class: Optional[int] = None  # null: every image left
+    split_seed: int = 0
+    ood: list[str] = field(default_factory=lambda: ["cifar10"])  # the clean CIFAR-10 test set, or []
+    augment: str = "none"
+    crop_pct: float = 1.0
     img_size: int = 32
 
 
@@ -315,7 +342,7 @@ class TrainConfig:
 
 
 SCHEMAS = {  # group -> option schema; each option names its schema first in its defaults list
-    "data": {"digits": DigitsConfig, "cifar10": Cifar10Config, "imagenet": ImageNetConfig,
+    "data": {"digits": DigitsConfig, "cifar10": Cifar10Config, "cifar10c": Cifar10CConfig, "imagenet": ImageNetConfig,
              "imagefolder": ImageFolderConfig},
     "head": {"head": HeadConfig, "mlp": MLPHeadConfig, "cosine": CosineHeadConfig},
     "logger": {"logger": LoggerConfig},

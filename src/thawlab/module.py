@@ -28,7 +28,8 @@ from thawlab.schedules import Phase, lr_factor, phase_at
 # only average identical numbers.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
 
-SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final")  # optimizer.* of lr shapes
+# optimizer.* keys of the lr shapes
+SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final", "milestones", "gamma")
 
 
 # optimizer.name -> constructor over the named parameter groups

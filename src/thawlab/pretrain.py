@@ -44,7 +44,7 @@ def cache_dir(cfg: DictConfig) -> Path:
 
 def source_weights(cfg: DictConfig, force: bool = False) -> Path:
     """Path of the cached source-pretrained weights for this config, pretraining first if needed."""
-    if "source" not in cfg.data:
+    if not (cfg.data.get("source") or {}).get("_target_"):
         from thawlab.errors import ThawlabError
 
         raise ThawlabError(f"backbone.pretrained=source: data {cfg.data._target_!r} has no source task; "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from thawlab.errors import ThawlabError, did_you_mean
 
 BN_POLICIES = ("train", "eval", "frozen")
-LR_SHAPES = ("cosine", "constant", "stlr", "one_cycle")
+LR_SHAPES = ("cosine", "constant", "step", "stlr", "one_cycle")
 BIASES = r"(^|\.)bias$"  # BitFit (Ben Zaken et al. 2022): bias terms only
 ADAPTERS = "lora_"  # parameters PEFT adds; everything else in the backbone stays as loaded
 
@@ -195,6 +195,7 @@ def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
     """Multiplier at step t of a phase of `total` steps.
       cosine     linear warm-up over warmup_epochs, then half a cosine to 0
       constant   linear warm-up, then 1
+      step       linear warm-up, then x gamma at each milestone (fractions of the phase's steps; L2-SP's recipe)
       stlr       ULMFiT's slanted triangular lr: up for cut_frac of the steps, down to 1/ratio
       one_cycle  fastai's fit_one_cycle: cosine from 1/div up to 1 over pct_start, then down to 1/div_final
     """
@@ -216,6 +217,8 @@ def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
     if name == "constant":
         return 1.0
+    if name == "step":
+        return shape["gamma"] ** sum(t >= m * total for m in shape["milestones"])
     raise ThawlabError(f"optimizer.schedule={name!r} is not one of {', '.join(LR_SHAPES)}")
 
 

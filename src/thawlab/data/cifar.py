@@ -218,3 +218,71 @@ def fetch(name: str, folder: Path) -> None:
         extracted = folder.parent / top
         if extracted != folder and extracted.is_dir() and not folder.exists():
             extracted.rename(folder)
+
+
+class Cifar10C(Cifar10):
+    """`data=cifar10c`: one CIFAR-10-C corruption at one severity as the TARGET task (surgical fine-tuning's
+    input-level shift, Lee et al. 2023: a model trained on clean CIFAR-10 adapted with a few corrupted labels).
+
+    The 10,000 images of (data.corruption, data.severity) are split per class, seeded by data.split_seed alone:
+    val_per_class for model selection, then train_per_class for training, then test_per_class (null: all the
+    rest) as the ID test set. data.ood=[cifar10] adds the clean CIFAR-10 test set as test/ood/cifar10: what
+    adapting to the corruption costs on the source distribution (the same underlying images: CIFAR-10-C was
+    made from CIFAR-10's test set)."""
+
+    default_augment = "none"
+    TARGET_OOD = ("cifar10",)
+
+    def __init__(self, root: str | None = None, corruption: str = "gaussian_noise", severity: int = 5,
+                 train_per_class: int = 100, val_per_class: int = 10, test_per_class: int | None = None,
+                 ood=("cifar10",), **kwargs):
+        super().__init__(root, val_per_class=val_per_class, train_per_class=train_per_class, ood=(),
+                         corruptions=(corruption,), severities=(severity,), **kwargs)
+        self.corruption, self.severity, self.test_per_class = corruption, severity, test_per_class
+        self.target_ood = tuple(ood)
+
+    def _check(self):
+        check_choices("data.ood", self.target_ood, self.TARGET_OOD, "OOD set", " for data=cifar10c")
+        check_choices("data.corruption", [self.corruption], CORRUPTIONS + EXTRA_CORRUPTIONS, "corruption")
+        check_severities([self.severity])
+        for key, value in (("data.train_per_class", self.train_per_class), ("data.val_per_class", self.val_per_class),
+                           ("data.test_per_class", self.test_per_class)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ThawlabError(f"{key}={value!r} must be a positive number of images per class")
+        super()._check()
+
+    def needed(self) -> dict[str, list[str]]:
+        out = {"cifar10_c": [f"{self.corruption}.npy", "labels.npy"]}
+        if "cifar10" in self.target_ood:
+            out["cifar10"] = ["test_batch"]
+        return out
+
+    def build(self, train_tf, eval_tf):
+        folder = self.dirs["cifar10_c"]
+        labels = np.load(folder / "labels.npy")
+        if len(labels) % 5:
+            raise ThawlabError(f"CIFAR-10-C: {folder / 'labels.npy'} has {len(labels)} labels, not 5 severities x N")
+        n = len(labels) // 5
+        x = np.load(folder / f"{self.corruption}.npy", mmap_mode="r")
+        _check_hwc(x, len(labels), folder / f"{self.corruption}.npy", "CIFAR-10-C")
+        first = (self.severity - 1) * n
+        y = labels[first:first + n]
+        tr, va = split_per_class(y, self.split_seed, val_per_class=self.val_per_class)  # tr: all but val
+        rng = np.random.default_rng(self.split_seed + 1)  # order within each class, apart from the val draw
+        train, test = [], []
+        for c in np.unique(y[tr]):
+            idx = tr[y[tr] == c]
+            idx = idx[rng.permutation(len(idx))]
+            if len(idx) <= self.train_per_class:
+                raise ThawlabError(f"data.train_per_class={self.train_per_class}: class {int(c)} has {len(idx)} "
+                                   f"images after validation, too few to leave any for the test set")
+            train.append(idx[:self.train_per_class])
+            rest = idx[self.train_per_class:]
+            test.append(rest if self.test_per_class is None else rest[:self.test_per_class])
+        train, test = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        self.train_set = ArrayImages(x, labels, train_tf, first + train)
+        self.sets["val"] = {"id": ArrayImages(x, labels, eval_tf, first + va)}
+        self.sets["test"] = {"id": ArrayImages(x, labels, eval_tf, first + test)}
+        if "cifar10" in self.target_ood:
+            xt, yt = read_cifar_batches(self.dirs["cifar10"], ["test_batch"])
+            self.sets["test"]["ood/cifar10"] = ArrayImages(xt, yt, eval_tf, to_hwc=chw_to_hwc)
