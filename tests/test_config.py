@@ -78,6 +78,10 @@ BAD_INPUT = [
     (["optimizer.layer_decay=1.5"], ["optimizer.layer_decay=1.5", "(0, 1]"]),
     (["schedule=wise_ft", "schedule.alphas=[0,0.5,2]"], ["schedule.alphas", "2", "outside [0, 1]"]),
     (["ckpt_path=last"], ["ckpt_path=last", "does not exist"]),
+    (["head.dropout=1.0"], ["head.dropout=1.0", "outside [0, 1)"]),
+    (["early_stopping.patience=2", "early_stopping.monitor=val/id/f1"], ["early_stopping.monitor", "val/id/f1"]),
+    (["backbone.name=vgg11", "backbone.pretrained=false", "backbone.drop_path_rate=0.1"],
+     ["backbone.drop_path_rate", "'vgg11' does not take"]),
 ]
 
 

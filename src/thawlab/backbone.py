@@ -38,12 +38,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _create(name: str, **kwargs) -> nn.Module:
+    """timm.create_model; an argument the architecture does not take is the user's one line, not a TypeError."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not bad:
+            raise
+        key = "backbone.drop_path_rate" if bad[1] == "drop_path_rate" else f"backbone.kwargs.{bad[1]}"
+        raise ThawlabError(f"{key}: timm's {name.split('.')[0]!r} does not take {bad[1]!r}") from None
+
+
 def create_backbone(name: str, pretrained, kwargs: dict | None = None) -> nn.Module:
     """pretrained: False (random init), True (the timm hub tag) or a path to a local weights file."""
     check_name(name)
     kwargs = dict(kwargs or {})
     if pretrained is False or pretrained is None:
-        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        return _create(name, pretrained=False, num_classes=0, **kwargs)
     if pretrained is True:
         if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
             raise ThawlabError(
@@ -51,7 +63,9 @@ def create_backbone(name: str, pretrained, kwargs: dict | None = None) -> nn.Mod
                 f"be reached: put a weights file on this machine and pass backbone.pretrained=/path/to/file "
                 f"(or set HF_HUB_OFFLINE=1 to use the local hub cache)")
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+            return _create(name, pretrained=True, num_classes=0, **kwargs)
+        except ThawlabError:
+            raise
         except Exception as e:  # offline cache miss, no weights for this tag, ...
             raise ThawlabError(f"backbone.pretrained=true: no hub weights for {name!r} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); pass a local file as "
@@ -61,8 +75,7 @@ def create_backbone(name: str, pretrained, kwargs: dict | None = None) -> nn.Mod
         raise ThawlabError(f"backbone.pretrained: weights file {str(pretrained)!r} does not exist "
                            f"(false, true, source or a path to a weights file)")
     # timm drops the classifier (num_classes differs) and adapts the input channels
-    model = timm.create_model(name, pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=path), **kwargs)
+    model = _create(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path), **kwargs)
     _check_all_loaded(model, path, name)
     return model
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thawlab import backbone as bb
-from thawlab import schedules
+from thawlab import schedules, stopping
 from thawlab.data.digits import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
@@ -59,6 +59,17 @@ def check_config(cfg: DictConfig) -> None:
     """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
     bb.check_name(cfg.backbone.name)
     schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
+    for key, value in (("head.dropout", cfg.head.get("dropout", 0.0)),
+                       ("backbone.drop_path_rate", cfg.backbone.get("drop_path_rate", 0.0))):
+        if not 0 <= value < 1:
+            raise ThawlabError(f"{key}={value} is outside [0, 1)")
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and clip <= 0:
+        raise ThawlabError(f"trainer.gradient_clip_val={clip} must be positive (null: no clipping)")
+    if cfg.trainer.get("gradient_clip_algorithm", "norm") not in ("norm", "value"):
+        raise ThawlabError(f"trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r} is not one "
+                           f"of norm, value")
+    stopping.check(cfg.get("early_stopping"))
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
         raise ThawlabError("schedule.train_head=false leaves a new, random head untrained: set head.pretrained=true")
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
@@ -71,7 +82,10 @@ def check_config(cfg: DictConfig) -> None:
 def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:
     """The backbone (with the schedule's adapters, unless adapters=False), its preprocessing and a new head."""
     b = cfg.backbone
-    model = bb.create_backbone(b.name, pretrained, OmegaConf.to_container(b.kwargs))
+    kwargs = OmegaConf.to_container(b.kwargs, resolve=True)
+    if b.get("drop_path_rate"):  # only when asked: not every timm model takes the argument
+        kwargs["drop_path_rate"] = b.drop_path_rate
+    model = bb.create_backbone(b.name, pretrained, kwargs)
     adapter = cfg.schedule.get("adapter")
     if adapters and adapter:
         ADAPTERS[adapter][0](model, cfg.schedule, b.name)
@@ -169,7 +183,7 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
-                  **overrides) -> L.Trainer:
+                  early_stopping: DictConfig | None = None, **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
     counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks)."""
     from thawlab import ranks
@@ -187,6 +201,9 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: Di
                                          save_top_k=1))
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
+    if early_stopping is not None and early_stopping.patience is not None:
+        callbacks.append(stopping.PhaseEarlyStopping(early_stopping.monitor, early_stopping.patience,
+                                                     early_stopping.min_delta))
     plugins = []
     if ranks.world_size(OmegaConf.create({"trainer": merged})) > 1:
         from datetime import timedelta

@@ -29,6 +29,7 @@ class BackboneConfig:
     pretrained: Any = "source"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     coarse_groups: bool = True  # timm group_matcher(coarse=...): stages rather than single blocks
+    drop_path_rate: float = 0.0  # stochastic depth in [0, 1) through timm (active in trainable blocks only)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 5
     enable_progress_bar: bool = True
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: Optional[float] = None  # clip gradients to this norm (or value: gradient_clip_algorithm)
+    gradient_clip_algorithm: str = "norm"  # norm (total 2-norm of the trainable gradients) | value
 
 
 @dataclass
@@ -63,10 +65,21 @@ class DDPConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Early stopping per phase: a phase whose ID validation metric has not improved by min_delta for
+    `patience` epochs ends there and the next phase starts; when the last phase stops, the run ends."""
+
+    patience: Optional[int] = None  # null: off
+    min_delta: float = 0.0
+    monitor: str = "val/id/acc"  # val/id/acc (higher is better) | val/id/nll | val/id/ece (lower is better)
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # base lr of every group; phases scale it per group
     weight_decay: float = 0.0
+    no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = 0.9  # sgd only
     layer_decay: float = 1.0  # in (0, 1]: group lr x layer_decay ** (groups between it and the head)
     # lr shape within each phase: cosine | constant | step | stlr (ULMFiT) | one_cycle (fastai); a phase may set
@@ -329,6 +342,7 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     cache_features: bool = True  # frozen backbone + deterministic training data: compute features once

@@ -49,6 +49,14 @@ class ThawNet(nn.Module):
         params = dict(self.named_parameters())
         return OrderedDict((g, [params[n] for n in names]) for g, names in self.groups.items())
 
+    def no_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay, timm's rule (`param_groups_weight_decay`): biases, every
+        1-d tensor (norm weights, LayerScale), and what the backbone's `no_weight_decay()` names (position
+        embeddings, class tokens)."""
+        exempt = getattr(self.backbone, "no_weight_decay", None)
+        named = {f"backbone.{n}" for n in (exempt() if callable(exempt) else ())}
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n in named}
+
     def features(self, x):
         if self.backbone_frozen:
             with torch.no_grad():  # nothing in the backbone trains: build no graph, keep no activations

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -90,6 +90,7 @@ class FineTuner(L.LightningModule):
         self._ddp_trainable: frozenset[str] | None = None  # what the current DDP wrapper all-reduces
         self.rank_report: dict | None = None  # DDP: each rank's pid, seed and weights at the end of fit
         self.trace: list[dict] = []
+        self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
         self.cache = FeatureCache() if cache_features else None
@@ -205,8 +206,17 @@ class FineTuner(L.LightningModule):
         return total
 
     def configure_optimizers(self):
-        groups = [{"params": ps, "name": g} for g, ps in self.net.named_group_parameters().items()]
         c = self.opt_cfg
+        groups = []
+        exempt = self.net.no_decay() if c["weight_decay"] and c.get("no_decay_exemptions", True) else set()
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        for g, ps in self.net.named_group_parameters().items():
+            # a block group's exempt parameters get an optimizer group of their own, under the same name: the
+            # phase's lr multiplier applies to both, only weight decay differs
+            decay = [p for p in ps if names[id(p)] not in exempt]
+            groups.append({"params": decay, "name": g})
+            if len(decay) < len(ps):
+                groups.append({"params": [p for p in ps if names[id(p)] in exempt], "name": g, "weight_decay": 0.0})
         opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
@@ -217,6 +227,7 @@ class FineTuner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
+        checkpoint["thawlab_plan"] = {"epochs": [p.epochs for p in self.phases], "stopped": self.stopped}
         checkpoint["thawlab_rng"] = torch.get_rng_state()  # dropout, drop-path: a resumed run continues exactly
         if self.theta0 is not None:
             checkpoint["thawlab_theta0"] = self.theta0
@@ -225,8 +236,13 @@ class FineTuner(L.LightningModule):
         self.trace = checkpoint.get("thawlab_trace", [])
         if "thawlab_theta0" in checkpoint:
             self.theta0 = checkpoint["thawlab_theta0"]
-        if "thawlab_rng" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if "thawlab_rng" in checkpoint and fitting:
             torch.set_rng_state(checkpoint["thawlab_rng"])
+        if "thawlab_plan" in checkpoint and fitting:  # a resumed run continues the plan as early stopping cut it
+            for i, epochs in enumerate(checkpoint["thawlab_plan"]["epochs"]):
+                self.phases[i] = replace(self.phases[i], epochs=epochs)  # in place: the lr lambdas hold the list
+            self.stopped = checkpoint["thawlab_plan"]["stopped"]
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def _eval_step(self, stage, batch, dataloader_idx):

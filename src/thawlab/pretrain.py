@@ -107,6 +107,7 @@ def _linear_head(cfg: DictConfig) -> DictConfig:
     c = cfg.copy()
     OmegaConf.set_struct(c, False)
     c.head = {"_target_": "thawlab.heads.LinearHead"}
+    c.backbone.drop_path_rate = 0.0  # the pretraining recipe does not move with the fine-tuning's regularisers
     return c
 
 
@@ -114,5 +115,6 @@ def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
     """The pretraining recipe, whatever the fine-tuning's optimizer and regularisation."""
     return OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
                                                "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
-                                               "schedule": "cosine", "warmup_epochs": 0.0},
+                                               "schedule": "cosine", "warmup_epochs": 0.0,
+                                               "no_decay_exemptions": False},  # the recipe cached weights had
                                  "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0}, "cache_features": False})

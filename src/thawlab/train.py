@@ -121,9 +121,10 @@ def run(cfg: DictConfig, job: dict) -> dict:
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
-        trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp)
+        trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
+        stopping = early_stopping_report(cfg, module)
         if trainer.world_size > 1:
             say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
                 f"across ranks at the end of fit: {module.ranks_in_sync}")
@@ -132,7 +133,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
             failed = False
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
-                      distributed=module.rank_report)
+                      distributed=module.rank_report, **stopping)
         print_metrics(metrics)
         if wise:
             print_wise(wise)
@@ -144,6 +145,16 @@ def run(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def early_stopping_report(cfg: DictConfig, module) -> dict:
+    """results.json `early_stopping` (when it is on): its settings and each phase it cut short."""
+    es = cfg.get("early_stopping")
+    if es is None or es.patience is None:
+        return {}
+    return {"early_stopping": {"monitor": es.monitor, "patience": es.patience, "min_delta": es.min_delta,
+                               "stopped": list(module.stopped), "epochs_run": len(module.trace),
+                               "epochs_planned": cfg.trainer.max_epochs}}
 
 
 def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
