@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from conftest import BASE, add_callbacks, cli, compose_cfg, pretrained_weights
 from thawlab.build import build_net, check_config
 from thawlab.errors import ThawlabError
-from thawlab.reft import LoReFT, PREFIX, interventions, load_exported
+from thawlab.reft import PREFIX, LoReFT, add_reft, interventions, load_exported
 from thawlab.results import read_results
 from thawlab.schedules import build_phases
 from thawlab.train import train
@@ -122,6 +122,13 @@ def test_resnet50_trains_under_one_percent_of_its_backbone():
     print(f"resnet50, default reft: {reft:,} trainable parameters in the backbone ({reft / body:.3%} of {body:,})")
     assert reft == sum(2 * 4 * d + 4 for d in (1024, 2048))  # R and W (4 x d) and b (4), at layer3 and layer4
     assert reft / body < 0.01
+
+
+def test_a_refused_option_leaves_the_backbone_unchanged():
+    backbone = timm.create_model("test_resnet", num_classes=0)
+    with pytest.raises(ThawlabError, match="d=96 of layer4.0"):
+        add_reft(backbone, [-2, -1], rank=100, input_size=(3, 32, 32))  # fits layer3.0 (192), not layer4.0 (96)
+    assert not interventions(backbone) and not any(m._forward_hooks for m in backbone.modules())
 
 
 # ---- real runs ------------------------------------------------------------------------------------------------

@@ -199,40 +199,37 @@ def add_reft(backbone: nn.Module, layers, rank: int = 4, positions=None, input_s
                            f"block group, 1..{len(labels) - 1} or -{len(labels) - 1}..-1")
     paths = {g: output_module(backbone, groups[g]) for g in chosen}
     shapes = _probe(backbone, [p for p in paths.values() if p], input_size)
-    added = []
+    new = {}  # every group checked before the backbone changes
     for g, path in paths.items():
-        shape = shapes.get(path)
-        where = f"{CONFIG}layers: block group {g} ({path or 'no module'}) of {name}"
+        shape, at = shapes.get(path), f"{g} ({path or 'no module'}) of {name}"
         if not isinstance(shape, tuple) or len(shape) not in (2, 3, 4):
-            raise ThawlabError(f"{where} gives no tensor of shape (B, D), (B, N, D) or (B, C, H, W) in a forward "
-                               f"pass (got {shape!r}): choose another group")
+            raise ThawlabError(f"{CONFIG}layers: {at} gives no tensor of shape (B, D), (B, N, D) or (B, C, H, W) in "
+                               f"a forward pass (got {shape!r}): choose another group")
         dim = _channel_dim(backbone, path, shape)
-        width = shape[dim]
-        if rank > width:
-            raise ThawlabError(f"{CONFIG}rank={rank} is larger than the width d={width} of {g} ({path}, output "
-                               f"{shape}) of {name}: use 1..{width}")
-        pos = spec
+        if rank > shape[dim]:
+            raise ThawlabError(f"{CONFIG}rank={rank} is larger than the width d={shape[dim]} of {at} (output "
+                               f"{shape}): use 1..{shape[dim]}")
         if spec is not None and len(shape) != 3:
-            raise ThawlabError(f"{CONFIG}positions={positions!r} selects tokens, but {g} ({path}) of {name} outputs "
-                               f"{shape}: ReFT edits every position there; use positions=null")
-        if spec == "prefix":
-            pos = tuple(range(getattr(backbone, "num_prefix_tokens", 0)))
-            if not pos:
-                raise ThawlabError(f"{CONFIG}positions=prefix: {name} has no prefix (class or register) tokens")
+            raise ThawlabError(f"{CONFIG}positions={positions!r} selects tokens, but {at} outputs {shape}: ReFT "
+                               f"edits every position there; use positions=null")
+        pos = tuple(range(getattr(backbone, "num_prefix_tokens", 0))) if spec == "prefix" else spec
+        if pos == ():
+            raise ThawlabError(f"{CONFIG}positions=prefix: {name} has no prefix (class or register) tokens")
         bad = [p for p in pos or () if not -shape[1] <= p < shape[1]]
         if bad:
-            raise ThawlabError(f"{CONFIG}positions: {bad[0]} is out of range for the {shape[1]} tokens of {g} "
-                               f"({path}) of {name}: use {-shape[1]}..{shape[1] - 1}")
-        p = next(backbone.parameters())
+            raise ThawlabError(f"{CONFIG}positions: {bad[0]} is out of range for the {shape[1]} tokens of {at}: "
+                               f"use {-shape[1]}..{shape[1] - 1}")
+        new[path] = (shape[dim], dim, pos)
+    p = next(backbone.parameters())
+    for path, (width, dim, pos) in new.items():
         _attach(backbone, path, LoReFT(width, rank, dim, pos).to(device=p.device, dtype=p.dtype))
-        added.append(path)
     # timm's group_matcher must place each intervention in the group of the module it edits
     after = {n: i for i, params in enumerate(block_groups(backbone, coarse).values()) for n in params}
     for g, path in paths.items():
         for n, _ in backbone.get_submodule(f"{path}.{CHILD}").named_parameters():
             if after[f"{path}.{CHILD}.{n}"] != labels.index(g):
                 raise RuntimeError(f"timm's group_matcher puts {path}.{CHILD}.{n} outside block group {g}")
-    return added
+    return list(new)
 
 
 def interventions(backbone: nn.Module) -> dict[str, LoReFT]:
