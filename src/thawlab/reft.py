@@ -201,7 +201,8 @@ def add_reft(backbone: nn.Module, layers, rank: int = 4, positions=None, input_s
     shapes = _probe(backbone, [p for p in paths.values() if p], input_size)
     new = {}  # every group checked before the backbone changes
     for g, path in paths.items():
-        shape, at = shapes.get(path), f"{g} ({path or 'no module'}) of {name}"
+        shape = shapes.get(path)
+        at = f"{g} of {name}" if path == g else f"{g} ({path or 'no module'}) of {name}"
         if not isinstance(shape, tuple) or len(shape) not in (2, 3, 4):
             raise ThawlabError(f"{CONFIG}layers: {at} gives no tensor of shape (B, D), (B, N, D) or (B, C, H, W) in "
                                f"a forward pass (got {shape!r}): choose another group")
