@@ -7,8 +7,8 @@ The backbone stays frozen; at the output of chosen block groups a low-rank inter
 
 R is an `nn.Linear(d, r, bias=False)` under `torch.nn.utils.parametrizations.orthogonal` (Householder map, no
 trivialization: no d x d buffer; its state dict key is `...rotate.parametrizations.weight.original`). Initial values
-as pyreft's `LoreftIntervention`: R orthogonal (`nn.init.orthogonal_`), W and b torch's default `nn.Linear` init. So
-the intervention is NOT the identity at the start (W != R), unlike LoRA: the paper and pyreft start that way too.
+as in pyreft 0.1.0's `LoreftIntervention` (the authors' code): R orthogonal (`nn.init.orthogonal_`), W and b torch's
+default `nn.Linear` init. So the intervention is NOT the identity at the start (W != R), unlike LoRA's zero B.
 
 Where h lives, by the shape of the hooked module's output (seen once, in a probe forward pass, when adding):
 - (B, C, H, W), a CNN feature map: the channel vector at every spatial position. Some timm families run their stages
@@ -17,14 +17,14 @@ Where h lives, by the shape of the hooked module's output (seen once, in a probe
 - (B, N, D), ViT-like tokens: the token positions `schedule.positions` (indices into the N tokens as the block outputs
   them, 0 = the class token; "prefix" = timm's `num_prefix_tokens`: class and register tokens; null or "all": every
   token). Positions are refused for other outputs.
-- (B, D), pooled features (a top group that pools, ConvNeXt's head.norm): the vector.
+- (B, D), a vector (a group whose output module pools): that vector.
 
 Which module: `schedule.layers` are block-group indices as schedule=surgical counts them (timm `group_matcher`, forward
 order, negative from the top). A group's output is that of the largest module holding the group's last parameter and
 no parameter of another group, nor the classifier (ResNet `layer3`, ViT `blocks.3`, ViT's last group `top` = last
-block + `norm`: `norm`; ConvNeXt's last: `head.norm`, on the pooled features);
-inside an nn.Sequential or ModuleList the intervention goes on the last child (a new child of the container itself
-would be run, or iterated, as one more layer). The intervention is registered as that module's child `reft`, so its
+block + `norm`: `norm`; ConvNeXt's last: `head.norm`, on the pooled (B, C, 1, 1)); inside an nn.Sequential or
+ModuleList the intervention goes on the last child (a new child of the container itself would be run, or iterated,
+as one more layer). The intervention is registered as that module's child `reft`, so its
 parameters (`layer3.5.reft.source.weight`) fall in the same block group through timm's own regexes (checked), and a
 forward hook applies it. The stem is refused: its output comes after parameter-free steps that are no module's output
 (ResNet's ReLU and max-pool, ViT's class token and position embedding).
