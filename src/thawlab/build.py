@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 from hydra.utils import instantiate
@@ -13,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thawlab import backbone as bb
-from thawlab import schedules, stopping
+from thawlab import reft, schedules, stopping
 from thawlab.data.digits import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
@@ -25,31 +27,49 @@ SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best 
 LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 
 
-def _add_lora(backbone, s, name):
+def _add_lora(backbone, cfg):
     from thawlab.adapters import add_lora  # imports PEFT (and transformers): only when asked for
 
-    add_lora(backbone, rank=s.rank, alpha=s.alpha, dropout=s.dropout, name=name,
+    s = cfg.schedule
+    add_lora(backbone, rank=s.rank, alpha=s.alpha, dropout=s.dropout, name=cfg.backbone.name,
              target_modules=list(s.target_modules) if s.target_modules is not None else None)
 
 
 def _merge_lora(backbone):
     from thawlab.adapters import merge_lora
 
-    return merge_lora(backbone)
+    return merge_lora(backbone), {}
 
 
-# schedule.adapter -> (add its modules to a backbone in place, merge them into the weights and remove them)
-ADAPTERS = {"lora": (_add_lora, _merge_lora)}
+def _add_reft(backbone, cfg):
+    s, size = cfg.schedule, cfg.data.img_size
+    positions = OmegaConf.to_container(s.positions) if OmegaConf.is_config(s.positions) else s.positions
+    reft.add_reft(backbone, list(s.layers), s.rank, positions, coarse=cfg.backbone.coarse_groups,
+                  input_size=(int(bb.data_config(backbone)["input_size"][0]), size, size), name=cfg.backbone.name)
+
+
+class Adapter(NamedTuple):
+    add: Callable  # (backbone, run config): add its modules to the backbone in place
+    export: Callable  # backbone -> (a plain timm backbone: merged or removed, {name: tensor} saved beside it)
+    check: Callable | None = None  # schedule config -> None: its options, checked before anything slow
+
+
+# schedule.adapter -> what build_net, export_model and check_config do with it
+ADAPTERS = {"lora": Adapter(_add_lora, _merge_lora),
+            "reft": Adapter(_add_reft, reft.export_reft, reft.check_options)}
 
 
 def export_model(net: ThawNet, adapter: str | None, path: Path) -> None:
     """The trained network, adapters merged, as a plain timm state dict (a linear head becomes the model's
-    classifier): `timm.create_model(name, num_classes=K).load_state_dict(...)` loads it, no thawlab or PEFT."""
+    classifier): `timm.create_model(name, num_classes=K).load_state_dict(...)` loads it, no thawlab or PEFT.
+    What has no place in a timm state dict is saved beside it under its own prefix: an MLP or cosine head
+    (`thawlab_head.`), ReFT's interventions, which edit activations and merge into no weight (`thawlab_reft.`,
+    put back on the timm model by `thawlab.reft.load_exported`)."""
     from safetensors.torch import save_file
 
-    backbone = ADAPTERS[adapter][1](copy.deepcopy(net.backbone)) if adapter else net.backbone
+    backbone, extra = ADAPTERS[adapter].export(copy.deepcopy(net.backbone)) if adapter else (net.backbone, {})
     fc = net.head.fc if isinstance(net.head, LinearHead) else None
-    state = bb.timm_state_dict(backbone, fc)
+    state = {**bb.timm_state_dict(backbone, fc), **extra}
     if fc is None:  # an MLP or cosine head has no timm equivalent: saved beside, under its own prefix
         state.update({f"thawlab_head.{k}": v.detach().contiguous() for k, v in net.head.state_dict().items()})
     save_file(state, str(path))
@@ -77,6 +97,9 @@ def check_config(cfg: DictConfig) -> None:
                                 ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
         if value is not None and value not in choices:
             raise ThawlabError(f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+    adapter = ADAPTERS.get(cfg.schedule.get("adapter"))
+    if adapter and adapter.check:
+        adapter.check(cfg.schedule)
 
 
 def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:
@@ -88,7 +111,7 @@ def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = Tr
     model = bb.create_backbone(b.name, pretrained, kwargs)
     adapter = cfg.schedule.get("adapter")
     if adapters and adapter:
-        ADAPTERS[adapter][0](model, cfg.schedule, b.name)
+        ADAPTERS[adapter].add(model, cfg)
     dc = bb.data_config(model)
     preprocess = Preprocess(img_size=cfg.data.img_size, in_chans=int(dc["input_size"][0]),
                             mean=tuple(dc["mean"]), std=tuple(dc["std"]))
@@ -231,6 +254,14 @@ def print_partition(net: ThawNet, phases) -> None:
         table.add_row(g, str(tensors), f"{params:,}", *marks)
     console.print(table)
     console.print("(xM: trains at M times optimizer.lr; -: frozen, BatchNorm in eval mode)")
+    sizes = {n: p.numel() for n, p in net.named_parameters()}
+    body = sum(v for n, v in sizes.items() if n.startswith("backbone."))
+    for p in phases:
+        trains = net.trains(p)
+        inside = sum(v for n, v in sizes.items() if trains[n] and n.startswith("backbone."))
+        head = sum(v for n, v in sizes.items() if trains[n] and not n.startswith("backbone."))
+        console.print(f"trainable parameters in {p.name}: {inside + head:,} = {inside:,} in the backbone "
+                      f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head")
 
 
 def print_metrics(metrics: dict[str, float], stage: str = "test") -> None:

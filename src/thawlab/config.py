@@ -104,7 +104,7 @@ class ScheduleConfig:
     # {phase name: policy}, e.g. {lp: eval, ft: train}
     bn: Any = "train"
     probe_lr_mult: float = 10.0  # lr multiplier of the head while it trains alone (a linear probe)
-    adapter: Optional[str] = None  # modules added to the backbone before training: null | lora
+    adapter: Optional[str] = None  # modules added to the backbone before training: null | lora | reft
 
 
 @dataclass
@@ -150,6 +150,16 @@ class LoRAConfig(ScheduleConfig):
     alpha: float = 16.0  # adapter output scaled by alpha / rank
     target_modules: Any = None  # a list of module names, or one regex over them; null: defaults per family
     dropout: float = 0.0  # on the adapter's input
+
+
+@dataclass
+class ReFTConfig(ScheduleConfig):
+    adapter: Optional[str] = "reft"
+    # block groups whose outputs get an intervention: indices as schedule.groups of surgical (-1 = top). Two, as
+    # one at the top alone composes with global pooling and a linear head into an affine map: a linear probe.
+    layers: list[int] = field(default_factory=lambda: [-2, -1])
+    rank: int = 4  # r: rows of R and W
+    positions: Any = None  # ViT-like (B, N, D) outputs: null or "all" | "prefix" (class/register tokens) | [0, ...]
 
 
 @dataclass
@@ -362,7 +372,7 @@ SCHEMAS = {  # group -> option schema; each option names its schema first in its
     "logger": {"logger": LoggerConfig},
     "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
                  "surgical": SurgicalConfig, "partial": PartialConfig, "fine_tune": FineTuneConfig,
-                 "lora": LoRAConfig},
+                 "lora": LoRAConfig, "reft": ReFTConfig},
 }
 
 

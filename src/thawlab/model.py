@@ -66,17 +66,25 @@ class ThawNet(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))
 
+    def trains(self, phase: Phase) -> dict[str, bool]:
+        """Parameter name -> whether it trains in `phase`: its group is trainable and, in the backbone, it matches
+        phase.params; BatchNorm's own weights not under bn=frozen."""
+        only = re.compile(phase.params) if phase.params else None
+        out = {}
+        for n, _ in self.named_parameters():
+            g = self._group_of[n]
+            out[n] = g in phase.trainable and (g == "head" or only is None or bool(only.search(n)))
+        if phase.bn == "frozen":
+            for name, module, _ in self._module_groups:
+                if isinstance(module, _BatchNorm):
+                    out.update({f"{name}.{n}": False for n, _ in module.named_parameters(recurse=False)})
+        return out
+
     def apply_phase(self, phase: Phase) -> None:
         self.phase = phase
-        only = re.compile(phase.params) if phase.params else None
+        trains = self.trains(phase)
         for n, p in self.named_parameters():
-            g = self._group_of[n]
-            p.requires_grad_(g in phase.trainable and (g == "head" or only is None or bool(only.search(n))))
-        if phase.bn == "frozen":
-            for _, module, _ in self._module_groups:
-                if isinstance(module, _BatchNorm):
-                    for p in module.parameters(recurse=False):
-                        p.requires_grad_(False)
+            p.requires_grad_(trains[n])
         self.backbone_frozen = not any(p.requires_grad for p in self.backbone.parameters())
         self.train(self.training)
 

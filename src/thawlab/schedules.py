@@ -2,9 +2,9 @@
 thawlab branches on the strategy's name.
 
 A phase says for how many epochs it runs, which groups train (and, within them, which parameters: BitFit trains
-biases, LoRA its adapters), each group's lr multiplier, the lr shape within the phase, whether the optimizer
-state starts afresh, and the BatchNorm policy of its trainable groups. Groups that do not train are frozen
-whole: no gradients, every module in eval mode (BatchNorm statistics, dropout, drop-path).
+biases, LoRA its adapters, ReFT its interventions), each group's lr multiplier, the lr shape within the phase,
+whether the optimizer state starts afresh, and the BatchNorm policy of its trainable groups. Groups that do not
+train are frozen whole: no gradients, every module in eval mode (BatchNorm statistics, dropout, drop-path).
   train   BN normalises with batch statistics and updates its running statistics and affine weights
   eval    BN uses (and keeps) its running statistics; affine weights train (LP-FT, surgical: Kumar et al.)
   frozen  as eval, and the affine weights do not train either
@@ -22,6 +22,7 @@ BN_POLICIES = ("train", "eval", "frozen")
 LR_SHAPES = ("cosine", "constant", "step", "stlr", "one_cycle")
 BIASES = r"(^|\.)bias$"  # BitFit (Ben Zaken et al. 2022): bias terms only
 ADAPTERS = "lora_"  # parameters PEFT adds; everything else in the backbone stays as loaded
+INTERVENTIONS = r"(^|\.)reft\."  # parameters thawlab.reft adds (module path ...reft.rotate..., ...reft.source...)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class Phase:
 
 def _body(groups):
     return [g for g in groups if g != "head"]
+
+
+def pick_groups(body: list[str], indices, key: str) -> list[str]:
+    """Block groups by index (forward order from 0, negative from the top); an index out of range is one line."""
+    for i in indices:
+        if not -len(body) <= i < len(body):
+            raise ThawlabError(f"{key}: index {i} is out of range for the {len(body)} block groups "
+                               f"({', '.join(body)}): use {-len(body)}..{len(body) - 1}")
+    return [body[i] for i in indices]
 
 
 def frozen(groups, epochs, s):
@@ -81,12 +91,7 @@ def surgical(groups, epochs, s):
     """Surgical fine-tuning (Lee et al., ICLR 2023): only the listed block groups train (indices in forward
     order, negative from the top), with the new head unless train_head=false (a pretrained head kept as it is,
     the paper's setting); the rest stays frozen, BatchNorm in eval mode."""
-    body = _body(groups)
-    for i in s.groups:
-        if not -len(body) <= i < len(body):
-            raise ThawlabError(f"schedule.groups: index {i} is out of range for the {len(body)} block groups "
-                               f"({', '.join(body)}): use {-len(body)}..{len(body) - 1}")
-    chosen = {body[i] for i in s.groups}
+    chosen = set(pick_groups(_body(groups), s.groups, "schedule.groups"))
     if not chosen:
         raise ThawlabError("schedule.groups=[] names no block group (for the head alone use schedule=frozen)")
     if s.train_head:
@@ -113,6 +118,15 @@ def lora(groups, epochs, s):
     return [Phase("lora", epochs, tuple(groups), params=ADAPTERS)]
 
 
+def reft(groups, epochs, s):
+    """LoReFT (Wu et al. 2024): low-rank interventions on the outputs of the listed block groups (`layers`, indices
+    as surgical's) and the new head train; the backbone stays as loaded, BatchNorm in eval mode (thawlab/reft.py)."""
+    chosen = set(pick_groups(_body(groups), s.layers, "schedule.layers"))
+    if not chosen:
+        raise ThawlabError("schedule.layers=[] names no block group to intervene on")
+    return [Phase("reft", epochs, tuple(g for g in groups if g in chosen or g == "head"), params=INTERVENTIONS)]
+
+
 def fine_tune(groups, epochs, s):
     """fastai's `fine_tune`: one-cycle on the head for freeze_epochs at the base lr; then, optimizer state
     cleared, one-cycle on everything at half the base lr, spread over the groups from lr/lr_mult (stem) to lr
@@ -129,7 +143,8 @@ def fine_tune(groups, epochs, s):
 
 
 STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft, "wise_ft": lp_ft,
-              "surgical": surgical, "partial": partial, "bitfit": bitfit, "lora": lora, "fine_tune": fine_tune}
+              "surgical": surgical, "partial": partial, "bitfit": bitfit, "lora": lora, "reft": reft,
+              "fine_tune": fine_tune}
 
 
 def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
