@@ -78,7 +78,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
         everything = Phase("pretrain", p.epochs, tuple(net.groups), {}, "train")
         module = build_module(_pretrain_cfg(cfg), net, dm, phases=[everything])
         trainer = build_trainer(cfg.trainer, None, False, max_epochs=p.epochs, devices=1, num_nodes=1,
-                                strategy="auto", limit_train_batches=None,
+                                strategy="auto", limit_train_batches=None, gradient_clip_val=None,
                                 limit_val_batches=None, limit_test_batches=None)
         trainer.fit(module, datamodule=dm)
         trainer.test(module, datamodule=dm, verbose=False)
