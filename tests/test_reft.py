@@ -22,8 +22,10 @@ from thawlab.schedules import build_phases
 from thawlab.train import train
 
 EPOCHS = ["trainer.max_epochs=2"]
-# weight decay on: torch's Householder map reads the diagonal of R's parameter as signs, which decay would zero
-RUN = ["schedule=reft", "optimizer.lr=0.01", "optimizer.weight_decay=0.1", *EPOCHS]
+# weight decay on, R's parameter included (thawlab exempts it by default): torch's Householder map reads the
+# diagonal of R's parameter as signs, which decay would zero
+RUN = ["schedule=reft", "optimizer.lr=0.01", "optimizer.weight_decay=0.1", "optimizer.no_decay_exemptions=false",
+       *EPOCHS]
 
 
 def _net(*overrides, classes=10):

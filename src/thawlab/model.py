@@ -52,10 +52,12 @@ class ThawNet(nn.Module):
     def no_decay(self) -> set[str]:
         """Parameter names exempt from weight decay, timm's rule (`param_groups_weight_decay`): biases, every
         1-d tensor (norm weights, LayerScale), and what the backbone's `no_weight_decay()` names (position
-        embeddings, class tokens)."""
+        embeddings, class tokens); and the free matrix behind a torch parametrization (ReFT's orthogonal R),
+        whose norm the parametrization discards: decaying it only moves the map's fixed signs."""
         exempt = getattr(self.backbone, "no_weight_decay", None)
         named = {f"backbone.{n}" for n in (exempt() if callable(exempt) else ())}
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n in named}
+        return {n for n, p in self.named_parameters()
+                if p.ndim <= 1 or n.endswith(".bias") or n in named or ".parametrizations." in n}
 
     def features(self, x):
         if self.backbone_frozen:
