@@ -115,4 +115,5 @@ def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
                                                "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
                                                "schedule": "cosine", "warmup_epochs": 0.0},
-                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0}, "cache_features": False})
+                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0, "label_smoothing": 0.0,
+                                                    "mixup": 0.0, "cutmix": 0.0}, "cache_features": False})
