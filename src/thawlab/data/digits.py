@@ -174,7 +174,7 @@ SHIFTS = {
 
 
 # What keeps a digit's label: no horizontal flip (a mirrored 2, 3 or 7 is no digit); randaug and augmix start
-# from the pad-and-crop (about half a pixel of the 8x8 digit); a resized crop keeps at least half the area (a
+# from the pad-and-crop (a shift of up to one pixel of the 8x8 digit); a resized crop keeps at least half the area (a
 # crop of 8% would be a stroke); pixels moved in are background (black; white under data.shift=invert).
 RECIPE = aug.Recipe(base="crop_flip", hflip=0.0, scale=(0.5, 1.0), fill=0)
 
@@ -229,7 +229,6 @@ class DigitsTarget(ImageSets):
                         xc[sel] = corrupt(clean[sel], name, s, seed=100 * seed + s)
                     sets[f"ood/corrupt_s{s}"] = TensorDataset(p.normalise(xc), ys)
             self.sets[stage_name] = sets
-
 
     def _augmented(self, x8: torch.Tensor, y: torch.Tensor):
         """Training images as 8-bit grey PIL images at img_size, augmented and normalised one at a time."""
