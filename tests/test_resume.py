@@ -31,6 +31,9 @@ CASES = {  # schedule overrides, the epoch after which the run dies, and what th
     "lp_ft": (["schedule=lp_ft", "schedule.lp_epochs=2", "trainer.max_epochs=4"], 2, "ft"),
     "wise_ft": (["schedule=wise_ft", "schedule.lp_epochs=2", "trainer.max_epochs=4",
                  "schedule.alphas=[0.0,0.5,1.0]"], 2, "ft"),
+    # random augmentation (torch and python's random: timm RandAugment) and Mixup/CutMix (numpy's random)
+    "randaug_mixup": (["schedule=lp_ft", "schedule.lp_epochs=2", "trainer.max_epochs=4", "data.augment=randaug",
+                       "regularization.mixup=0.8", "regularization.cutmix=1.0"], 2, "ft"),
 }
 
 

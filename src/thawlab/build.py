@@ -100,6 +100,21 @@ def check_config(cfg: DictConfig) -> None:
     adapter = ADAPTERS.get(cfg.schedule.get("adapter"))
     if adapter and adapter.check:
         adapter.check(cfg.schedule)
+    check_regularization(cfg)
+
+
+def check_regularization(cfg: DictConfig) -> None:
+    r = cfg.regularization
+    if not 0 <= r.label_smoothing < 1:
+        raise ThawlabError(f"regularization.label_smoothing={r.label_smoothing}: outside [0, 1)")
+    for key in ("mixup", "cutmix"):
+        if r[key] < 0:
+            raise ThawlabError(f"regularization.{key}={r[key]}: a Beta(alpha, alpha) alpha must be >= 0 (0: off)")
+    if not 0 <= r.mix_prob <= 1:
+        raise ThawlabError(f"regularization.mix_prob={r.mix_prob}: outside [0, 1]")
+    if (r.mixup or r.cutmix) and cfg.data.batch_size % 2:
+        raise ThawlabError(f"data.batch_size={cfg.data.batch_size}: Mixup/CutMix (regularization.mixup={r.mixup}, "
+                           f"cutmix={r.cutmix}) pairs the samples of a batch: use an even batch size")
 
 
 def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:

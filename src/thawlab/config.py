@@ -167,6 +167,12 @@ class RegularizationConfig:
     # L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the pretrained body + beta/2 ||w_head||^2
     l2sp_alpha: float = 0.0
     l2sp_beta: float = 0.0
+    label_smoothing: float = 0.0  # in [0, 1): of the training loss only (evaluation NLL stays the plain NLL)
+    # timm Mixup / CutMix of training batches: Beta(alpha, alpha) mixing weights, 0 = off (DeiT: 0.8 and 1.0);
+    # both on: one or the other per batch, half the time each. Needs an even data.batch_size; no feature cache.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0  # probability that a training batch is mixed
 
 
 @dataclass
@@ -215,6 +221,7 @@ class DigitsConfig(DataConfig):
     ood: list[str] = field(default_factory=lambda: ["printed", "corrupt"])
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     shift: str = "none"  # none | invert | flip_labels: the target task itself shifted (surgical fine-tuning)
+    augment: str = "none"  # training: none | crop_flip (no flip on digits) | resized_crop | randaug | augmix
     img_size: int = 32
     source: DigitsSourceConfig = field(default_factory=DigitsSourceConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -247,7 +254,7 @@ class Cifar10Config(DataConfig):
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
         "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"])
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    augment: str = "crop_flip"  # none | crop_flip | resized_crop
+    augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
     crop_pct: float = 1.0  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     img_size: int = 32
 
@@ -293,7 +300,7 @@ class ImageNetConfig(DataConfig):
     train_per_class: Optional[int] = None
     split_seed: int = 0
     ood: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"])
-    augment: str = "resized_crop"
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
     crop_pct: float = 0.875
     img_size: int = 224
 
@@ -314,7 +321,7 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = 0.1  # without a val folder: this fraction of each class held out of train
     train_per_class: Optional[int] = None
     split_seed: int = 0
-    augment: str = "resized_crop"
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
     crop_pct: float = 0.875
     img_size: int = 224
 

@@ -5,18 +5,27 @@ groups train and their lr multipliers through one LambdaLR that knows every grou
 group is ignored by the scheduler and no lr scale waits for a scheduler that never applies it.
 
 Batches are (images, labels, sample indices): the indices key the feature cache of frozen phases.
+
+The training loss: cross-entropy, with `regularization.label_smoothing`; under Mixup / CutMix (timm's `Mixup`,
+`regularization.mixup` / `cutmix`) each training batch is mixed with itself reversed, the targets become the
+same mixture of (smoothed) one-hot vectors, and the loss is timm's soft-target cross-entropy. Evaluation
+batches are never mixed, and evaluation NLL is the plain NLL.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import random
 import warnings
 from dataclasses import asdict, replace
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from thawlab.metrics import eval_metrics, ood_mean, restrict
@@ -38,6 +47,31 @@ OPTIMIZERS = {
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
                                              weight_decay=c["weight_decay"]),
 }
+
+
+def make_mixup(reg: dict, num_classes: int):
+    """timm's Mixup for regularization.mixup / cutmix (alphas; 0 = off), or None when both are off."""
+    if not (reg.get("mixup") or reg.get("cutmix")):
+        return None
+    # label_smoothing passed explicitly: timm's default is 0.1
+    return Mixup(mixup_alpha=reg.get("mixup", 0.0), cutmix_alpha=reg.get("cutmix", 0.0),
+                 prob=reg.get("mix_prob", 1.0), label_smoothing=reg.get("label_smoothing", 0.0),
+                 num_classes=num_classes)
+
+
+def host_rng_state() -> dict:
+    """python's and numpy's global random states as plain containers (checkpoints load with weights_only)."""
+    np_state = np.random.get_state(legacy=False)
+    return {"python": random.getstate(), "numpy": {**np_state, "state": {
+        "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"]}}}
+
+
+def set_host_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": state["numpy"]["state"]["key"].numpy().astype(np.uint32),
+                         "pos": state["numpy"]["state"]["pos"]}
+    np.random.set_state(np_state)
 
 
 class FeatureCache:
@@ -93,7 +127,11 @@ class FineTuner(L.LightningModule):
         self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
-        self.cache = FeatureCache() if cache_features else None
+        self.label_smoothing = reg.get("label_smoothing", 0.0)
+        self.mix = make_mixup(reg, num_classes)
+        self.soft_target_loss = SoftTargetCrossEntropy()
+        # a mixed batch is a new input every step: cached features of the unmixed images would be wrong
+        self.cache = FeatureCache() if cache_features and self.mix is None else None
         # WiSE-FT's theta_0: the weights when a first, head-only phase (the linear probe) ends
         self.keep_probe_weights = keep_probe_weights and phases[0].trainable == ("head",) and len(phases) > 1
         self.theta0: dict[str, torch.Tensor] | None = None
@@ -186,7 +224,14 @@ class FineTuner(L.LightningModule):
         if self.fail_rank is not None and self.global_rank == self.fail_rank:
             raise RuntimeError(f"injected failure on rank {self.global_rank} (ddp.fail_rank={self.fail_rank})")
         y = batch[1]
-        loss = F.cross_entropy(self._logits("train", batch), y)
+        if self.mix is None:
+            loss = F.cross_entropy(self._logits("train", batch), y, label_smoothing=self.label_smoothing)
+        else:
+            x, _, idx = batch
+            if len(y) % 2:  # timm pairs sample i with sample n-1-i: an odd batch (a training set smaller than
+                x, y, idx = x[:-1], y[:-1], idx[:-1]  # the batch) leaves its last sample out of this step
+            x, target = self.mix(x, y)  # label smoothing included (Mixup's own)
+            loss = self.soft_target_loss(self._logits("train", (x, y, idx)), target)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         if self.l2sp_alpha or self.l2sp_beta:
             penalty = self.l2sp_penalty()
@@ -228,7 +273,10 @@ class FineTuner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
         checkpoint["thawlab_plan"] = {"epochs": [p.epochs for p in self.phases], "stopped": self.stopped}
-        checkpoint["thawlab_rng"] = torch.get_rng_state()  # dropout, drop-path: a resumed run continues exactly
+        # dropout, drop-path (torch), augmentations (torch, python: timm RandAugment), Mixup (numpy): a resumed
+        # run continues exactly (loader worker processes aside: they are seeded afresh)
+        checkpoint["thawlab_rng"] = torch.get_rng_state()
+        checkpoint["thawlab_rng_host"] = host_rng_state()
         if self.theta0 is not None:
             checkpoint["thawlab_theta0"] = self.theta0
 
@@ -239,6 +287,8 @@ class FineTuner(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if "thawlab_rng" in checkpoint and fitting:
             torch.set_rng_state(checkpoint["thawlab_rng"])
+            if "thawlab_rng_host" in checkpoint:
+                set_host_rng_state(checkpoint["thawlab_rng_host"])
         if "thawlab_plan" in checkpoint and fitting:  # a resumed run continues the plan as early stopping cut it
             for i, epochs in enumerate(checkpoint["thawlab_plan"]["epochs"]):
                 self.phases[i] = replace(self.phases[i], epochs=epochs)  # in place: the lr lambdas hold the list

@@ -117,4 +117,5 @@ def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
                                                "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
                                                "schedule": "cosine", "warmup_epochs": 0.0,
                                                "no_decay_exemptions": False},  # the recipe cached weights had
-                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0}, "cache_features": False})
+                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0, "label_smoothing": 0.0,
+                                                    "mixup": 0.0, "cutmix": 0.0}, "cache_features": False})

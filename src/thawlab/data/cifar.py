@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thawlab.data.augment import Recipe
 from thawlab.data.real import ArrayImages, RealImageSets, Source, check_choices, check_root, check_severities
 from thawlab.data.real import default_root, missing_files, resolve, split_per_class
 from thawlab.errors import ThawlabError
@@ -110,6 +111,7 @@ class Cifar10(RealImageSets):
     """CIFAR-10 with CIFAR-10.1, STL-10 and CIFAR-10-C test sets (see the module docstring)."""
 
     default_augment = "crop_flip"
+    recipe = Recipe(base="crop_flip")  # 32x32: randaug and augmix after the CIFAR pad-and-crop, not a resized crop
 
     def __init__(self, root: str | None = None, paths: dict | None = None, download: bool = False,
                  val_per_class: int = 500, train_per_class: int | None = None, split_seed: int = 0,

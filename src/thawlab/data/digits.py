@@ -15,9 +15,14 @@ Tasks:
   and `corrupt_s1`..`corrupt_s5` (the ID images under the CIFAR-10-C corruption suite, one corruption per
   image in turn, at severity 1..5; constants in corruptions.py). Validation OOD sets are built from the val
   split and other renders, test OOD sets from the test split: selection never sees a test image.
+
+Training augmentation (`data.augment`, default none): every set is preprocessed once into tensors; with a
+preset, the training images are instead kept as 8-bit grey PIL images at img_size (the 8x8 digit upsampled as
+for evaluation) and augmented per item (thawlab.data.augment, with `RECIPE`). Evaluation sets never are.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from thawlab.data import augment as aug
 from thawlab.data.corruptions import NAMES as CORRUPTIONS
 from thawlab.data.corruptions import corrupt
 from thawlab.data.sets import ImageSets
@@ -167,6 +173,12 @@ SHIFTS = {
 }
 
 
+# What keeps a digit's label: no horizontal flip (a mirrored 2, 3 or 7 is no digit); randaug and augmix start
+# from the pad-and-crop (a shift of up to one pixel of the 8x8 digit); a resized crop keeps at least half the area (a
+# crop of 8% would be a stroke); pixels moved in are background (black; white under data.shift=invert).
+RECIPE = aug.Recipe(base="crop_flip", hflip=0.0, scale=(0.5, 1.0), fill=0)
+
+
 class DigitsTarget(ImageSets):
     """Handwritten digits with printed and corrupted OOD sets (see the module docstring)."""
 
@@ -174,7 +186,8 @@ class DigitsTarget(ImageSets):
 
     def __init__(self, preprocess: Preprocess = Preprocess(), train_per_class: int = 10, val_per_class: int = 18,
                  test_per_class: int = 36, split_seed: int = 0, ood: tuple[str, ...] = ("printed", "corrupt"),
-                 severities: tuple[int, ...] = (1, 2, 3, 4, 5), shift: str = "none", **loader_kwargs):
+                 severities: tuple[int, ...] = (1, 2, 3, 4, 5), shift: str = "none", augment: str = "none",
+                 **loader_kwargs):
         super().__init__(**loader_kwargs)
         self.preprocess = preprocess
         self.train_per_class, self.val_per_class, self.test_per_class = train_per_class, val_per_class, test_per_class
@@ -184,6 +197,10 @@ class DigitsTarget(ImageSets):
                 raise ThawlabError(f"data.ood: unknown OOD set {name!r} for data=digits (choose from printed, corrupt)")
         if shift not in SHIFTS:
             raise ThawlabError(f"data.shift={shift!r} is not one of {', '.join(SHIFTS)}")
+        aug.check(augment)
+        self.augment = augment
+        self.train_transform_deterministic = augment == "none"  # else no feature cache: inputs change each epoch
+        self.recipe = dataclasses.replace(RECIPE, fill=255) if shift == "invert" else RECIPE
 
     def setup(self, stage=None):
         if self.train_set is not None:
@@ -192,7 +209,9 @@ class DigitsTarget(ImageSets):
         split = stratified_split(y, {"test": self.test_per_class, "val": self.val_per_class,
                                      "train": self.train_per_class}, self.split_seed)
         p = self.preprocess
-        self.train_set = TensorDataset(p(x[split["train"]]), y[split["train"]])
+        xt, yt = x[split["train"]], y[split["train"]]
+        # augment=none: preprocessed once, the fastest (and what the feature cache keys by index)
+        self.train_set = TensorDataset(p(xt), yt) if self.augment == "none" else self._augmented(xt, yt)
         for stage_name, key, seed in (("val", "val", 1), ("test", "test", 2)):
             xs, ys = x[split[key]], y[split[key]]
             sets = {"id": TensorDataset(p(xs), ys)}
@@ -210,6 +229,13 @@ class DigitsTarget(ImageSets):
                         xc[sel] = corrupt(clean[sel], name, s, seed=100 * seed + s)
                     sets[f"ood/corrupt_s{s}"] = TensorDataset(p.normalise(xc), ys)
             self.sets[stage_name] = sets
+
+    def _augmented(self, x8: torch.Tensor, y: torch.Tensor):
+        """Training images as 8-bit grey PIL images at img_size, augmented and normalised one at a time."""
+        from thawlab.data.real import ArrayImages  # real.py imports this module
+
+        grey = (self.preprocess.resize(x8)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        return ArrayImages(grey, y.numpy(), aug.train_transform(self.preprocess, self.augment, recipe=self.recipe))
 
 
 class DigitsSource(ImageSets):

@@ -1,12 +1,12 @@
 """What the real (on-disk) data sets share: locating their files, one-line errors when files are missing,
-transforms from the model's expectation, lazily decoded data sets and held-out validation splits.
+transforms from the model's expectation (thawlab.data.augment), lazily decoded data sets and held-out
+validation splits.
 
 Images are kept as they are stored (uint8 arrays, memory-mapped where the format allows, or file paths) and
 decoded and transformed one item at a time, so 75 CIFAR-10-C sets of 10,000 images cost no memory up front.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from thawlab.data import augment as aug
+from thawlab.data.augment import eval_transform, train_transform
 from thawlab.data.digits import Preprocess
 from thawlab.data.sets import ImageSets
 from thawlab.errors import ThawlabError, did_you_mean
@@ -84,61 +86,6 @@ class Source:
 
 def missing_files(folder: Path, files: Sequence[str]) -> list[str]:
     return [f for f in files if not (folder / f).exists()]
-
-
-# ---- transforms -----------------------------------------------------------------------------------------
-def _finish(p: Preprocess):
-    import torchvision.transforms as T
-
-    if p.in_chans not in (1, 3):
-        raise ThawlabError(f"the backbone expects {p.in_chans} input channels; image data sets give 1 or 3")
-    return [ToMode("L" if p.in_chans == 1 else "RGB"), T.ToTensor(), T.Normalize(p.mean[: p.in_chans],
-                                                                                  p.std[: p.in_chans])]
-
-
-class ToMode:
-    """PIL image -> that mode (RGB, or L for one-channel models); picklable, for loader worker processes."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __call__(self, img):
-        return img if img.mode == self.mode else img.convert(self.mode)
-
-    def __repr__(self):
-        return f"ToMode({self.mode!r})"
-
-
-def eval_transform(p: Preprocess, crop_pct: float = 0.875) -> Callable:
-    """Resize the shorter side to img_size / crop_pct, centre-crop img_size (crop_pct=1: the central square,
-    so a square image is kept whole: CIFAR at 32x32 loses no pixel)."""
-    import torchvision.transforms as T
-
-    size = p.img_size
-    resize = int(math.floor(size / crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                      T.CenterCrop(size), *_finish(p)])
-
-
-def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875) -> Callable:
-    """kind: none (the eval transform), crop_flip (resize, random crop with padding of size/8 and horizontal
-    flip: the CIFAR recipe) or resized_crop (random resized crop, scale 0.08..1, and flip: the ImageNet one)."""
-    import torchvision.transforms as T
-
-    size = p.img_size
-    if kind == "none":
-        return eval_transform(p, crop_pct)
-    if kind == "crop_flip":
-        return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                          T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)),
-                          T.RandomHorizontalFlip(), *_finish(p)])
-    if kind == "resized_crop":
-        return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                          T.RandomHorizontalFlip(), *_finish(p)])
-    raise ThawlabError(f"data.augment={kind!r} is not one of none, crop_flip, resized_crop")
-
-
-AUGMENTATIONS = ("none", "crop_flip", "resized_crop")
 
 
 # ---- data sets ------------------------------------------------------------------------------------------
@@ -269,6 +216,7 @@ class RealImageSets(ImageSets):
     instantiate, which would wrap it into an InstantiationException."""
 
     default_augment = "resized_crop"
+    recipe = aug.NATURAL  # what keeps a label (thawlab.data.augment): flips, the base crop of randaug and augmix
 
     def __init__(self, augment: str | None = None, crop_pct: float = 0.875, **loader_kwargs):
         super().__init__(**loader_kwargs)
@@ -288,8 +236,7 @@ class RealImageSets(ImageSets):
     def check(self) -> "RealImageSets":
         """Validate the options and the files (once); sets num_classes and class_subsets."""
         if not self._checked:
-            if self.augment not in AUGMENTATIONS:
-                raise ThawlabError(f"data.augment={self.augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+            aug.check(self.augment)
             if not 0 < self.crop_pct <= 1:
                 raise ThawlabError(f"data.crop_pct={self.crop_pct}: outside (0, 1]")
             self._check()
@@ -306,7 +253,7 @@ class RealImageSets(ImageSets):
         if self.train_set is not None:
             return
         self.prepare_data()
-        self.build(train_transform(self.preprocess, self.augment, self.crop_pct),
+        self.build(train_transform(self.preprocess, self.augment, self.crop_pct, self.recipe),
                    eval_transform(self.preprocess, self.crop_pct))
 
     def build(self, train_tf: Callable, eval_tf: Callable) -> None:
