@@ -79,10 +79,6 @@ def check_config(cfg: DictConfig) -> None:
     """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
     bb.check_name(cfg.backbone.name)
     schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
-    for key, value in (("head.dropout", cfg.head.get("dropout", 0.0)),
-                       ("backbone.drop_path_rate", cfg.backbone.get("drop_path_rate", 0.0))):
-        if not 0 <= value < 1:
-            raise ThawlabError(f"{key}={value} is outside [0, 1)")
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and clip <= 0:
         raise ThawlabError(f"trainer.gradient_clip_val={clip} must be positive (null: no clipping)")
@@ -104,6 +100,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_regularization(cfg: DictConfig) -> None:
+    """Dropout, stochastic depth, label smoothing and mixing: values in their ranges."""
+    for key, value in (("head.dropout", cfg.head.get("dropout", 0.0)),
+                       ("backbone.drop_path_rate", cfg.backbone.get("drop_path_rate", 0.0))):
+        if not 0 <= value < 1:
+            raise ThawlabError(f"{key}={value} is outside [0, 1)")
     r = cfg.regularization
     if not 0 <= r.label_smoothing < 1:
         raise ThawlabError(f"regularization.label_smoothing={r.label_smoothing}: outside [0, 1)")
