@@ -139,11 +139,8 @@ def fine_tune(groups, epochs, s):
     if not 0 < s.freeze_epochs < epochs:
         raise ThawlabError(f"schedule.freeze_epochs={s.freeze_epochs} must leave both phases an epoch of "
                            f"the {epochs}")
-    spread_by = s.get("spread", "fastai")
-    if spread_by not in SPREADS:
-        raise ThawlabError(f"schedule.spread={spread_by!r} is not one of {', '.join(SPREADS)}")
-    # fastai's even_mults(start, stop, n) over the groups it splits the model into
-    split = [_body(groups), ["head"]] if spread_by == "fastai" else [[g] for g in groups]
+    # fastai's even_mults(start, stop, n) over the groups it splits the model into (spread: checked in check())
+    split = [_body(groups), ["head"]] if s.get("spread", "fastai") == "fastai" else [[g] for g in groups]
     n = len(split)
     spread = {g: 0.5 * (1 / s.lr_mult) ** (1 - i / (n - 1)) for i, part in enumerate(split) for g in part}
     return [Phase("frozen", s.freeze_epochs, ("head",), {"head": 1.0},
@@ -174,6 +171,8 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
     for alpha in schedule_cfg.get("alphas") or []:
         if not 0 <= alpha <= 1:
             raise ThawlabError(f"schedule.alphas: {alpha} is outside [0, 1]")
+    if schedule_cfg.get("spread", "fastai") not in SPREADS:
+        raise ThawlabError(f"schedule.spread={schedule_cfg.spread!r} is not one of {', '.join(SPREADS)}")
     if schedule_cfg.get("interval", 1) < 1:
         raise ThawlabError(f"schedule.interval={schedule_cfg.interval} must be at least 1")
 
