@@ -81,7 +81,11 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = 0.9  # sgd only
-    layer_decay: float = 1.0  # in (0, 1]: group lr x layer_decay ** (groups between it and the head)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only (fastai's Adam: 0.9, 0.99)
+    eps: float = 1e-8  # adamw only (fastai's Adam: 1e-5)
+    # in (0, 1]: timm's layer-wise lr decay, per parameter: lr x layer_decay ** (timm layer ids between its layer
+    # and the classifier's), layer ids from group_matcher(coarse=False) whatever backbone.coarse_groups says
+    layer_decay: float = 1.0
     # lr shape within each phase: cosine | constant | step | stlr (ULMFiT) | one_cycle (fastai); a phase may set
     # its own
     schedule: str = "cosine"
@@ -93,6 +97,9 @@ class OptimizerConfig:
     pct_start: float = 0.25  # one_cycle: fraction of the phase's steps spent increasing the lr
     div: float = 25.0  # one_cycle: initial lr = max / div
     div_final: float = 1e5  # one_cycle: final lr = max / div_final
+    # one_cycle: cycle Adam's beta1 (SGD's momentum) cosine from moms[0] to moms[1] over pct_start, back to
+    # moms[2] (fastai: 0.95, 0.85, 0.95); null: keep betas[0] / momentum
+    moms: Optional[list[float]] = None
 
 
 @dataclass
@@ -141,6 +148,9 @@ class FineTuneConfig(ScheduleConfig):
     lr_mult: float = 100.0  # then lrs spread from lr / lr_mult (stem) to lr (head), halved
     pct_start: float = 0.3  # one-cycle of the second phase
     div: float = 5.0
+    # fastai: lr / lr_mult for the whole body, lr for the head (vision_learner's 2 groups for a timm model);
+    # blocks: spread log-evenly over thawlab's block groups, lr / lr_mult (stem) to lr (head)
+    spread: str = "fastai"
 
 
 @dataclass
