@@ -78,6 +78,20 @@ METRICS = ("acc", "nll", "ece")
 BASELINE_SCHEDULES = ("frozen", "full")
 DEFAULT_N = 1000  # test samples assumed for the clipping when results.json has no counts
 FORMATS = ("png", "pdf")
+ER_FITS = ("mean", "per-set")
+
+# Overrides that change how a run is executed, resumed or logged, never what it computes. A job resumed with
+# `ckpt_path=last`, relaunched with another logger, launcher or more loader workers is the same experiment and
+# the same seed: these keys are never row factors, and two runs differing only in them are one configuration
+# (a resumed seed replaces its killed run instead of opening a row of its own). A key covers its subkeys
+# (`hydra` covers hydra.run.dir and hydra/launcher=...). Keys that do change results (seed, debug, trainer.limit_*,
+# trainer.precision, trainer.deterministic, ...) are deliberately absent.
+INERT_KEYS = ("ckpt_path", "logger", "hydra", "cache_dir", "export", "trainer.enable_progress_bar",
+              "trainer.log_every_n_steps", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+              "data.source.num_workers", "ddp.timeout_s", "ddp.grace_s")
+# Trainer limits under which a run trains or evaluates on a few batches (debug=smoke sets them): its metrics
+# are not results. A limit is full when unset or the float 1.0 (an int 1 is one batch, as in Lightning).
+SMOKE_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
 
 
 _ABSENT = object()
@@ -108,6 +122,8 @@ class Run:
     error: str | None = None
     finished: str = ""
     label: str = ""
+    inert: tuple[str, ...] = ()  # overrides that do not change the experiment (INERT_KEYS): never in the key
+    smoke: str | None = None  # why this is a smoke run (smoke_reason), None for a real one
 
     @property
     def done(self) -> bool:
@@ -150,6 +166,18 @@ class Runs:
     group_by: tuple[str, ...] = ()
     common: tuple[str, ...] = ()  # overrides common to all runs (left out of the labels)
     tuned: dict = field(default_factory=dict)  # row -> (key, chosen value, {value: mean val score}), see tune()
+    smoke: list = field(default_factory=list)  # smoke runs left out (load(include_smoke=False))
+    smoke_included: list = field(default_factory=list)  # smoke runs reported (include_smoke=True)
+    names: dict = field(default_factory=dict)  # row label -> display name (rename(), --label, --labels)
+
+    def name(self, label: str) -> str:
+        """The row's display name: the one given with rename()/--label, else its label."""
+        return self.names.get(label, label)
+
+    @property
+    def inert(self) -> tuple[str, ...]:
+        """The inert overrides seen in the runs (left out of the configurations; named in the caption)."""
+        return tuple(dict.fromkeys(o for r in self.runs for o in r.inert))
 
     def labels(self) -> list[str]:
         out: list[str] = []
@@ -222,6 +250,37 @@ def _override_key(o: str) -> str:
     return o.split("=", 1)[0].lstrip("+~")
 
 
+def inert(override: str) -> bool:
+    """True for an override that does not change the experiment (INERT_KEYS, with their subkeys)."""
+    key = _override_key(override).replace("/", ".")
+    return any(key == k or key.startswith(k + ".") for k in INERT_KEYS)
+
+
+def _factors(overrides) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the overrides that define the configuration, the inert ones), the seed in neither."""
+    kept = [o for o in overrides if _override_key(o) != "seed"]
+    return tuple(o for o in kept if not inert(o)), tuple(o for o in kept if inert(o))
+
+
+def smoke_reason(config: dict, overrides=()) -> str | None:
+    """Why a run is a smoke run (metrics on a few batches, not results), or None.
+
+    results.json `config.debug` names the debug preset when the training side records it; older files have it
+    null even for smoke runs, so the trainer limits the preset sets (and a `debug=` override) count too."""
+    debug = config.get("debug") if isinstance(config, dict) else None
+    if debug not in (None, False, "", "null", "none"):
+        return f"debug={debug if isinstance(debug, str) else json.dumps(debug)}"
+    for o in overrides:
+        if _override_key(o) == "debug" and o.split("=", 1)[-1] not in ("null", "none", ""):
+            return o
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    for k in SMOKE_LIMITS:
+        v = trainer.get(k) if isinstance(trainer, dict) else None
+        if v is not None and not (isinstance(v, float) and v == 1.0):
+            return f"trainer.{k}={v}"
+    return None
+
+
 def _parse(path: Path) -> Run:
     """A results.json as a Run; ValueError (with the reason) when it is not a readable thawlab results file."""
     try:
@@ -251,11 +310,11 @@ def _parse(path: Path) -> Run:
         raise ValueError("'overrides' must be a list of strings")
     if status == "done" and not isinstance(data["selection"], dict):
         raise ValueError("a finished run without its 'selection'")
-    return Run(path=path, status=status, seed=seed,
-               overrides=tuple(o for o in overrides if _override_key(o) != "seed"), config=data["config"],
+    factors, inert_ = _factors(overrides)
+    return Run(path=path, status=status, seed=seed, overrides=factors, inert=inert_, config=data["config"],
                metrics=data["metrics"], counts=data.get("counts") or {}, selection=data.get("selection"),
                wise=data.get("wise") or None, error=data.get("error") if status == "failed" else None,
-               finished=str(data.get("finished") or ""))
+               finished=str(data.get("finished") or ""), smoke=smoke_reason(data["config"], overrides))
 
 
 def _hydra_overrides(run_dir: Path) -> list[str] | None:
@@ -287,10 +346,10 @@ def _killed(run_dir: Path) -> Run | None:
         seed = int(seed)
     except (TypeError, ValueError):
         return None
-    return Run(path=run_dir, status="missing", seed=seed,
-               overrides=tuple(o for o in overrides if _override_key(o) != "seed"),
-               config=config if isinstance(config, dict) else {},
-               error="no results.json (killed, or still running)")
+    config = config if isinstance(config, dict) else {}
+    factors, inert_ = _factors(overrides)
+    return Run(path=run_dir, status="missing", seed=seed, overrides=factors, inert=inert_, config=config,
+               error="no results.json (killed, or still running)", smoke=smoke_reason(config, overrides))
 
 
 def _find(path: Path) -> tuple[list[Path], list[Path]]:
@@ -374,12 +433,14 @@ def _fmt_value(v) -> str:
     return "null" if v is None else str(v)
 
 
-def load(paths, group_by=None) -> Runs:
+def load(paths, group_by=None, include_smoke: bool = False) -> Runs:
     """The runs under `paths` (directories searched recursively, or results.json files), labelled by row.
 
     Unreadable files, runs on other data than the largest compatible group and second runs of the same
-    configuration and seed are left out and listed in `.skipped` with the reason. Every seed seen in the runs
-    is expected of every configuration: a configuration without it gets a "missing" run (a gap)."""
+    configuration and seed are left out and listed in `.skipped` with the reason. Smoke runs (smoke_reason:
+    debug=smoke, trainer limits) are left out and listed in `.smoke` unless include_smoke. Every seed seen in
+    the runs is expected of every row: a row without it gets a "missing" run (a gap). Under group_by a row may
+    hold several configurations; a seed is missing from it only when none of them has a run of that seed."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     group_by = tuple(group_by or ())
@@ -403,22 +464,29 @@ def load(paths, group_by=None) -> Runs:
     seen: set = set()
     runs = [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]  # PATH in PATH
     runs.sort(key=lambda r: _natural(r.path))
+    smoke = [r for r in runs if r.smoke]
+    if not include_smoke:
+        runs = [r for r in runs if not r.smoke]
+        if smoke and not runs:
+            raise ReportError(f"{', '.join(map(str, paths))}: all {len(smoke)} runs are smoke runs ({smoke[0].smoke}:"
+                              f" metrics of a few batches, not results); --include-smoke reports them")
     if not runs:
         return Runs([], skipped, root, group_by)
     runs, incompatible = _compatible(runs)
     runs, duplicates = _dedupe(runs)
     skipped += incompatible + duplicates
-    # every seed seen is expected of every configuration
-    seeds = sorted({r.seed for r in runs})
-    have = {(r.key, r.seed) for r in runs}
-    for key in list(dict.fromkeys(r.key for r in runs)):
-        like = next(r for r in runs if r.key == key)
-        for s in seeds:
-            if (key, s) not in have:
-                runs.append(Run(path=None, status="missing", seed=s, overrides=like.overrides, config=like.config,
-                                error="no run of this seed"))
-    out = Runs(runs, skipped, root, group_by)
+    out = Runs(runs, skipped, root, group_by, smoke=[] if include_smoke else smoke,
+               smoke_included=[r for r in runs if r.smoke] if include_smoke else [])
     _label(out)
+    # every seed seen is expected of every row (without --group-by a row is one configuration)
+    seeds = sorted({r.seed for r in runs})
+    have = {(r.label, r.seed) for r in runs}
+    for label in out.labels():
+        like = next(r for r in runs if r.label == label)
+        for s in seeds:
+            if (label, s) not in have:
+                runs.append(Run(path=None, status="missing", seed=s, overrides=like.overrides, config=like.config,
+                                error="no run of this seed", label=label))
     return out
 
 
@@ -471,7 +539,18 @@ def tune(runs: Runs, key: str) -> Runs:
             if _fmt_value(r.get(key)) == best:
                 r.label = row
                 keep.append(r)
-    return Runs(keep, runs.skipped, runs.root, runs.group_by, runs.common, tuned)
+    return Runs(keep, runs.skipped, runs.root, runs.group_by, runs.common, tuned, runs.smoke, runs.smoke_included,
+                runs.names)
+
+
+def rename(runs: Runs, names: dict) -> Runs:
+    """Display names for rows (tables, paired files, figure legends): {row label or its values: name}. An
+    unknown row is a ReportError naming it."""
+    for label, name in names.items():
+        if not isinstance(label, str) or not isinstance(name, str) or not name.strip():
+            raise ReportError(f"--label {label!r}: a row label and a non-empty name are both needed")
+        runs.names[runs.resolve(label, "--label")] = name
+    return runs
 
 
 # ------------------------------------------------------------------------------------------ effective robustness
@@ -491,44 +570,116 @@ def clip(p: float, n: int | float | None) -> float:
 
 
 def samples(run: Run, which: str) -> int | None:
-    """Test samples behind a run's ID accuracy ("id") or OOD mean accuracy ("ood", all OOD sets together)."""
-    if which == "id":
-        n = run.counts.get("test/id")
+    """Test samples behind a run's ID accuracy ("id"), OOD mean accuracy ("ood", all OOD sets together) or one
+    OOD set's accuracy ("ood/<set>")."""
+    if which == "id" or which.startswith("ood/"):
+        n = run.counts.get(f"test/{which}")
         return n if isinstance(n, (int, float)) and n > 0 else None
     ns = [v for k, v in run.counts.items() if k.startswith("test/ood/") and isinstance(v, (int, float))]
     return sum(ns) if ns and sum(ns) > 0 else None
 
 
-def id_ood(run: Run) -> tuple[float, float] | None:
-    """(ID acc, OOD mean acc) of a finished run, unclipped."""
-    x, y = run.value("test/id/acc"), run.value("test/ood/mean/acc")
+def id_ood(run: Run, ood: str = "mean") -> tuple[float, float] | None:
+    """(ID acc, OOD acc) of a finished run, unclipped; `ood` is an OOD set or "mean"."""
+    x, y = run.value("test/id/acc"), run.value(f"test/ood/{ood}/acc")
     return None if x is None or y is None or not run.done else (x, y)
+
+
+def _ols(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Ordinary least squares y = a x + b."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return a, my - a * mx
+
+
+@dataclass
+class Testbed:
+    """Baseline models for the effective-robustness fit (--testbed FILE): accuracies of models trained on the
+    ID data, evaluated on the same test sets. CSV columns: `model`, `id`, one per OOD set (named as in
+    results.json: test/ood/<set>/acc), accuracies as fractions in [0, 1]; other columns are ignored."""
+    path: Path
+    models: list[str]
+    acc: dict[str, list[float]]  # "id" or an OOD set -> per model
+
+    def ood_mean(self, sets: list[str]) -> list[float]:
+        """Per model, the unweighted mean over `sets` (as test/ood/mean/acc is over a run's sets)."""
+        return [statistics.fmean(self.acc[s][i] for s in sets) for i in range(len(self.models))]
+
+
+def read_testbed(path, sets: list[str]) -> Testbed:
+    """A testbed CSV (see Testbed) with a column for each of `sets`; a ReportError names what is wrong."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            head = [h.strip() for h in (rows and rows[0].keys() or [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ReportError(f"--testbed {path}: cannot be read ({e})") from None
+    if not rows:
+        raise ReportError(f"--testbed {path}: no rows (a header `model,id,<OOD set>...` and one line per model)")
+    need = ["model", "id", *sets]
+    lack = [c for c in need if c not in head]
+    if lack:
+        raise ReportError(f"--testbed {path}: no column {lack[0]!r} (has {', '.join(head)}; needs {', '.join(need)})")
+    acc: dict[str, list[float]] = {c: [] for c in need[1:]}
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip(): v for k, v in row.items() if k is not None}
+        for c in need[1:]:
+            text = (row.get(c) or "").strip()
+            try:
+                v = float(text)
+            except ValueError:
+                v = float("nan")
+            if not 0 <= v <= 1:
+                raise ReportError(f"--testbed {path}: line {line}, {c}={text!r} is not an accuracy in [0, 1]")
+            acc[c].append(v)
+    return Testbed(path, [str(r.get("model", "")).strip() for r in rows], acc)
 
 
 @dataclass
 class ERFit:
-    """logit(OOD mean acc) = a · logit(ID acc) + b through the baseline runs; `per_run`: OOD acc − the line."""
+    """Effective robustness (Taori et al. 2020): OOD accuracy above a line fitted on logit axes through baseline
+    points, the baseline rows' runs or a testbed's models. mode "mean": one line for the OOD mean,
+    logit(OOD mean acc) = a · logit(ID acc) + b; mode "per-set": one line per OOD set s, logit(acc_s) =
+    a_s · logit(ID acc) + b_s, and a run's effective robustness is its mean over the sets of acc_s minus the
+    set's line. `per_run`: Run -> ER (accuracy units); `per_set`: set -> {Run: ER on that set}."""
     baselines: list[str]
-    points: list[tuple[Run, float, float]]  # baseline runs and their clipped (ID, OOD mean) accuracies
+    points: list[tuple]  # (Run or testbed model name, clipped ID acc, clipped OOD mean acc): the mean fit's points
     a: float | None = None
     b: float | None = None
     reason: str | None = None  # why there is no fit
     per_run: dict = field(default_factory=dict)  # Run -> ER (accuracy units)
+    mode: str = "mean"
+    testbed: Testbed | None = None
+    lines: dict = field(default_factory=dict)  # per-set mode: OOD set -> (a, b)
+    set_points: dict = field(default_factory=dict)  # per-set mode: OOD set -> [(who, clipped ID, clipped acc)]
+    per_set: dict = field(default_factory=dict)  # per-set mode: OOD set -> {Run: ER}
 
     @property
     def ok(self) -> bool:
-        return self.a is not None
+        return self.a is not None if self.mode == "mean" else bool(self.lines) and self.reason is None
 
-    def predict(self, id_acc: float, n: int | None = None) -> float:
-        """The OOD mean accuracy the baseline line expects at this ID accuracy."""
-        return sigmoid(self.a * logit(clip(id_acc, n)) + self.b)
+    def predict(self, id_acc: float, n: int | None = None, ood: str = "mean") -> float:
+        """The OOD accuracy (the mean, or one set's in per-set mode) the line expects at this ID accuracy."""
+        a, b = (self.a, self.b) if ood == "mean" else self.lines[ood]
+        return sigmoid(a * logit(clip(id_acc, n)) + b)
+
+    def source(self) -> str:
+        """Which points the fit went through, in words."""
+        if self.testbed is not None:
+            return f"the {len(self.testbed.models)} models of the testbed {self.testbed.path.name}"
+        n = len(self.points) if self.mode == "mean" else len(next(iter(self.set_points.values()), []))
+        return f"the {n} runs (one point per seed) of the baseline rows {', '.join(self.baselines) or 'none'}"
 
     def describe(self) -> str:
-        rows = ", ".join(self.baselines) or "none"
         if not self.ok:
             return f"no fit: {self.reason}"
-        return (f"logit(OOD) = {self.a:.3f} · logit(ID) {'+' if self.b >= 0 else '−'} {abs(self.b):.3f}, "
-                f"least squares through {len(self.points)} runs of the baseline rows {rows}")
+        if self.mode == "mean":
+            return (f"logit(OOD mean) = {self.a:.3f} · logit(ID) {'+' if self.b >= 0 else '−'} {abs(self.b):.3f}, "
+                    f"least squares through {self.source()}")
+        lines = "; ".join(f"{s}: a = {a:.3f}, b = {b:.3f}" for s, (a, b) in self.lines.items())
+        return (f"one line per OOD set s, logit(acc_s) = a_s · logit(ID) + b_s, least squares through "
+                f"{self.source()} ({lines}); a run's ER is the mean over the sets of acc_s − σ(a_s · logit(ID) + b_s)")
 
 
 def default_baselines(runs: Runs) -> list[str]:
@@ -537,34 +688,80 @@ def default_baselines(runs: Runs) -> list[str]:
             if all(r.get("schedule.name") in BASELINE_SCHEDULES for r in runs.row(lab))]
 
 
-def effective_robustness(runs: Runs, baselines=None) -> ERFit:
-    """Fit the baseline line on logit axes and each finished run's effective robustness (see the docstring)."""
-    baselines = [runs.resolve(b, "--baselines") for b in baselines] if baselines else default_baselines(runs)
-    points = []
-    for lab in baselines:
-        for r in runs.row(lab):
-            if (v := id_ood(r)) is not None:
-                points.append((r, clip(v[0], samples(r, "id")), clip(v[1], samples(r, "ood"))))
-    fit = ERFit(baselines=baselines, points=points)
-    xs = [logit(x) for _, x, _ in points]
-    ys = [logit(y) for _, _, y in points]
-    if not baselines:
+def _testbed_counts(runs: Runs) -> dict[str, int | None]:
+    """Test samples behind each accuracy, from the runs (a testbed is evaluated on the same test sets)."""
+    done = runs.done
+    out = {"id": next((n for r in done if (n := samples(r, "id"))), None),
+           "ood": next((n for r in done if (n := samples(r, "ood"))), None)}
+    for s in runs.ood_sets():
+        out[f"ood/{s}"] = next((n for r in done if (n := samples(r, f"ood/{s}"))), None)
+    return out
+
+
+def effective_robustness(runs: Runs, baselines=None, mode: str = "mean", testbed=None) -> ERFit:
+    """Fit the baseline line(s) on logit axes and each finished run's effective robustness (see ERFit and the
+    module docstring). `testbed`: a Testbed or a CSV path; its models are then the baseline points (and
+    `baselines` must be None). `mode`: "mean" (one line for the OOD mean) or "per-set" (one line per set)."""
+    if mode not in ER_FITS:
+        raise ReportError(f"--er-fit {mode!r}: choose from {', '.join(ER_FITS)}")
+    sets = runs.ood_sets()
+    if testbed is not None and baselines:
+        raise ReportError("--baselines and --testbed both name the baseline points: give one")
+    if testbed is not None and not isinstance(testbed, Testbed):
+        testbed = read_testbed(testbed, sets)
+    if testbed is None:
+        baselines = [runs.resolve(b, "--baselines") for b in baselines] if baselines else default_baselines(runs)
+    else:
+        baselines = []
+    fit = ERFit(baselines=baselines, points=[], mode=mode, testbed=testbed)
+    targets = ["mean"] if mode == "mean" else sets
+    pts: dict[str, list[tuple]] = {}
+    if testbed is not None:
+        n = _testbed_counts(runs)
+        for t in targets:
+            ys = testbed.ood_mean(sets) if t == "mean" else testbed.acc[t]
+            pts[t] = [(m, clip(x, n["id"]), clip(y, n["ood" if t == "mean" else f"ood/{t}"]))
+                      for m, x, y in zip(testbed.models, testbed.acc["id"], ys)]
+    else:
+        for t in targets:
+            pts[t] = [(r, clip(v[0], samples(r, "id")), clip(v[1], samples(r, "ood" if t == "mean" else f"ood/{t}")))
+                      for lab in baselines for r in runs.row(lab) if (v := id_ood(r, t)) is not None]
+    first = pts[targets[0]] if targets else []
+    where = f"the testbed {testbed.path}" if testbed is not None else f"the baseline rows {', '.join(baselines)}"
+    if testbed is None and not baselines:
         fit.reason = (f"no baseline rows (none has schedule.name {' or '.join(BASELINE_SCHEDULES)}; "
-                      f"name them with --baselines)")
-    elif not points:
-        fit.reason = (f"no finished run of the baseline rows {', '.join(baselines)} reports both test/id/acc and "
-                      f"test/ood/mean/acc")
-    elif len(set(xs)) < 2:
-        fit.reason = (f"fewer than two distinct ID accuracies among the {len(points)} finished runs of the "
-                      f"baseline rows {', '.join(baselines)}")
+                      f"name them with --baselines, or give --testbed)")
+    elif not targets:
+        fit.reason = "no OOD set to fit a line per set for"
+    elif not first:
+        fit.reason = (f"no finished run of {where} reports both test/id/acc and "
+                      f"test/ood/{targets[0]}/acc")
+    elif len({x for _, x, _ in first}) < 2:
+        fit.reason = f"fewer than two distinct ID accuracies among the {len(first)} points of {where}"
+    if mode == "mean":
+        fit.points = first
+    else:
+        fit.set_points = pts
     if fit.reason:
         return fit
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    fit.a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    fit.b = my - fit.a * mx
+    for t in targets:
+        a, b = _ols([logit(x) for _, x, _ in pts[t]], [logit(y) for _, _, y in pts[t]])
+        if mode == "mean":
+            fit.a, fit.b = a, b
+        else:
+            fit.lines[t] = (a, b)
     for r in runs.runs:
-        if (v := id_ood(r)) is not None:
-            fit.per_run[r] = v[1] - fit.predict(v[0], samples(r, "id"))
+        if mode == "mean":
+            if (v := id_ood(r)) is not None:
+                fit.per_run[r] = v[1] - fit.predict(v[0], samples(r, "id"))
+            continue
+        ers = {}
+        for t in targets:
+            if (v := id_ood(r, t)) is not None:
+                ers[t] = v[1] - fit.predict(v[0], samples(r, "id"), t)
+                fit.per_set.setdefault(t, {})[r] = ers[t]
+        if len(ers) == len(targets):
+            fit.per_run[r] = statistics.fmean(ers.values())
     return fit
 
 
@@ -610,7 +807,8 @@ class Row:
         return str(self.n) if self.n == self.expected else f"{self.n} of {self.expected}"
 
 
-def columns(runs: Runs, metric: str = "acc") -> list[Column]:
+def columns(runs: Runs, metric: str = "acc", er_sets=()) -> list[Column]:
+    """The table's columns; `er_sets`: OOD sets with a per-set effective-robustness column (per-set fit)."""
     if metric not in METRICS:
         raise ReportError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
     pct = metric in ("acc", "ece")
@@ -623,6 +821,7 @@ def columns(runs: Runs, metric: str = "acc") -> list[Column]:
         cols.append(Column("ECE ID", "test/id/ece", 100.0, 1, False))
     if any(f"test/source/{metric}" in r.metrics for r in runs.done):
         cols.append(Column("source task", f"test/source/{metric}", **kw))
+    cols += [Column(f"ER {s}", f"er/{s}", 100.0, 1, True, signed=True) for s in er_sets]
     cols.append(Column("eff. robustness", "er", 100.0, 1, True, signed=True))
     return cols
 
@@ -642,10 +841,21 @@ def column_values(runs: list[Run], col: Column, fit: ERFit | None) -> list[tuple
     for r in runs:
         if not r.done:
             continue
-        v = (fit.per_run.get(r) if fit is not None else None) if col.key == "er" else r.value(col.key)
+        if col.key == "er":
+            v = fit.per_run.get(r) if fit is not None else None
+        elif col.key.startswith("er/"):
+            v = fit.per_set.get(col.key[3:], {}).get(r) if fit is not None else None
+        else:
+            v = r.value(col.key)
         if v is not None:
             out.append((r, col.scale * v))
     return out
+
+
+def _num(x: float, decimals: int, signed: bool = False) -> str:
+    if round(x, decimals) == 0:
+        x = 0.0  # no "-0.0"
+    return f"{{:{'+' if signed else ''}.{decimals}f}}".format(x)
 
 
 @dataclass
@@ -657,22 +867,57 @@ class Table:
     fit: ERFit
     caption: str
     notes: list[str]
+    names: dict = field(default_factory=dict)  # row label -> display name
+
+    def name(self, row: Row) -> str:
+        return self.names.get(row.label, row.label)
+
+    def best(self) -> set[tuple[str, str]]:
+        """(row label, column name) of the cells marked best: per column, the best mean (the highest for
+        accuracy and effective robustness, the lowest for NLL and ECE) and every mean within the best cell's
+        spread as shown (std, or s.e. with --se) of it, or equal to it as printed. Columns with fewer than two
+        rows with a value are not marked."""
+        out = set()
+        for c in self.columns:
+            cells = [(r.label, r.cells[c.name]) for r in self.rows if r.cells[c.name].mean is not None]
+            if len(cells) < 2:
+                continue
+            sign = 1 if c.higher_is_better else -1
+            top = max((cell for _, cell in cells), key=lambda cell: sign * cell.mean)
+            tol = top.spread or 0.0
+            shown = _num(top.mean, c.decimals)
+            for label, cell in cells:
+                if sign * cell.mean >= sign * top.mean - tol or _num(cell.mean, c.decimals) == shown:
+                    out.add((label, c.name))
+        return out
+
+    def _parts(self, col: Column, cell: Cell, row: Row) -> tuple[str, str] | None:
+        """(mean, spread and n note) as printed, None for a gap."""
+        if cell.mean is None:
+            return None
+        spread = f"{cell.spread:.{col.decimals}f}" if cell.spread is not None else "–"
+        return _num(cell.mean, col.decimals, col.signed), spread + (f" (n={cell.n})" if cell.n != row.n else "")
 
     def _cell(self, col: Column, cell: Cell, row: Row) -> str:
-        if cell.mean is None:
-            return "–"
-        f = f"{{:{'+' if col.signed else ''}.{col.decimals}f}}"
-        text = f.format(cell.mean) + " ± " + (f"{cell.spread:.{col.decimals}f}" if cell.spread is not None else "–")
-        return text + (f" (n={cell.n})" if cell.n != row.n else "")
+        parts = self._parts(col, cell, row)
+        return "–" if parts is None else f"{parts[0]} ± {parts[1]}"
 
     def grid(self) -> list[list[str]]:
         head = ["row"] + [c.name for c in self.columns] + ["n"]
-        return [head] + [[r.label] + [self._cell(c, r.cells[c.name], r) for c in self.columns] + [r.n_text]
+        return [head] + [[self.name(r)] + [self._cell(c, r.cells[c.name], r) for c in self.columns] + [r.n_text]
                          for r in self.rows]
 
     def markdown(self) -> str:
-        grid = self.grid()
-        esc = [[c.replace("|", "\\|") for c in line] for line in grid]
+        best = self.best()
+        head = ["row"] + [c.name for c in self.columns] + ["n"]
+        body = []
+        for r in self.rows:
+            cells = []
+            for c in self.columns:
+                text = self._cell(c, r.cells[c.name], r)
+                cells.append(f"**{text}**" if (r.label, c.name) in best else text)
+            body.append([self.name(r), *cells, r.n_text])
+        esc = [[c.replace("|", "\\|") for c in line] for line in [head, *body]]
         lines = [f"**Table.** {self.caption}", "",
                  "| " + " | ".join(esc[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(esc[0]) - 1)) + "|"]
         lines += ["| " + " | ".join(line) + " |" for line in esc[1:]]
@@ -681,31 +926,50 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def latex(self) -> str:
-        grid = self.grid()
-        spec = "l" + "r" * (len(grid[0]) - 1)
-        body = [" & ".join(_tex(c) for c in line) + r" \\" for line in grid]
-        lines = ["% thawlab-report table; plain LaTeX, no packages needed", r"\begin{table}[t]", r"\centering",
-                 r"\footnotesize", rf"\caption{{{_tex(self.caption)}}}", r"\label{tab:thawlab-report}",
-                 rf"\begin{{tabular}}{{{spec}}}", r"\hline", body[0], r"\hline", *body[1:], r"\hline",
-                 r"\end{tabular}"]
+        """booktabs, each value column split at ± into right- and left-aligned halves (the ± signs line up),
+        minus signs as \textminus, best cells bold; scaled down to the line width only when wider (a wide
+        table is a table*)."""
+        best = self.best()
+        spec = "l" + r"r@{\,$\pm$\,}l" * len(self.columns) + "r"
+        head = ["row"] + [rf"\multicolumn{{2}}{{c}}{{{_tex(c.name)}}}" for c in self.columns] + ["n"]
+        body = []
+        for r in self.rows:
+            cells = [_tex(self.name(r))]
+            for c in self.columns:
+                parts = self._parts(c, r.cells[c.name], r)
+                if parts is None:
+                    cells.append(r"\multicolumn{2}{c}{--}")
+                    continue
+                m, sp = (_tex_num(x) for x in parts)
+                if (r.label, c.name) in best:
+                    m, sp = rf"\textbf{{{m}}}", rf"\textbf{{{sp}}}"
+                cells += [m, sp]
+            body.append(" & ".join(cells + [_tex(r.n_text)]) + r" \\")
+        env = "table*" if len(self.columns) > 6 else "table"
+        lines = [r"% thawlab-report table: needs \usepackage{booktabs,graphicx} (\textminus: LaTeX 2020 or later)",
+                 rf"\begin{{{env}}}[t]", r"\centering", r"\small", rf"\caption{{{_tex_num(self.caption)}}}",
+                 r"\label{tab:thawlab-report}",
+                 r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+                 rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule", *body,
+                 r"\bottomrule", r"\end{tabular}}"]
         if self.notes:
             lines += [r"\par\smallskip", r"\begin{minipage}{\linewidth}\raggedright\scriptsize"]
-            lines += [_tex(n) + r"\\" for n in self.notes]
+            lines += [_tex_num(n) + r"\\" for n in self.notes]
             lines.append(r"\end{minipage}")
-        lines.append(r"\end{table}")
+        lines.append(rf"\end{{{env}}}")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         spread = "se" if self.se else "std"
-        head = ["row", "n_finished", "n_expected"]
+        head = ["row", "name", "n_finished", "n_expected"]
         for c in self.columns:
             unit = _unit(c, self.metric)
             head += [f"{c.name} {unit} mean", f"{c.name} {unit} {spread}", f"{c.name} n"]
         w.writerow(head)
         for r in self.rows:
-            line = [r.label, r.n, r.expected]
+            line = [r.label, self.name(r), r.n, r.expected]
             for c in self.columns:
                 cell = r.cells[c.name]
                 line += ["" if cell.mean is None else repr(cell.mean),
@@ -715,7 +979,7 @@ class Table:
 
 
 def _unit(col: Column, metric: str) -> str:
-    if col.key == "er":
+    if col.key == "er" or col.key.startswith("er/"):
         return "(pp)"
     if col.key == "test/id/ece":
         return "(ece %)"
@@ -723,13 +987,19 @@ def _unit(col: Column, metric: str) -> str:
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": r"$-$",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": r"\textminus{}",
         "·": r"$\cdot$", "σ": r"$\sigma$", "√": r"$\surd$", "≥": r"$\geq$", "α": r"$\alpha$", "θ": r"$\theta$",
-        "–": "--", "₀": r"$_0$", "×": r"$\times$"}
+        "–": "--", "₀": r"$_0$", "×": r"$\times$", "≤": r"$\leq$", "→": r"$\rightarrow$"}
 
 
 def _tex(s: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in s)
+    # "--" would typeset as an en dash (--include-smoke): keep the hyphens apart
+    return "".join(_TEX.get(ch, ch) for ch in s).replace("--", "-{}-").replace("-{}--{}-", "-{}-{}-")
+
+
+def _tex_num(s: str) -> str:
+    """A printed number for LaTeX: a typographic minus (a hyphen before a digit is one)."""
+    return _tex(re.sub(r"(?<![\w.])-(?=\d)", "−", s))
 
 
 def _rules(runs: list[Run]) -> str:
@@ -744,25 +1014,58 @@ def _rules(runs: list[Run]) -> str:
 
 
 def notes(runs: Runs, labels: list[str]) -> list[str]:
-    """Each run that did not finish, with its error, and each file left out, with why."""
+    """Each run that did not finish, with its error, each file left out, with why, and the smoke runs."""
     out = []
     for lab in labels:
         for r in sorted(runs.row(lab), key=lambda r: r.seed):
             if not r.done:
                 what = "failed" if r.status == "failed" else "missing"
                 where = f" [{r.path}]" if r.path else ""
-                out.append(f"{lab}, seed {r.seed}: {what}: {r.error or 'no error recorded'}{where} (a gap: not "
-                           f"in the mean, n lowered)")
+                out.append(f"{runs.name(lab)}, seed {r.seed}: {what}: {r.error or 'no error recorded'}{where} (a "
+                           f"gap: not in the mean, n lowered)")
     for s in runs.skipped:
         out.append(f"left out {s.path}: {s.reason}")
+    if runs.smoke:
+        out.append(f"left out {len(runs.smoke)} smoke run(s) ({runs.smoke[0].smoke}; metrics of a few batches "
+                   f"are not results) under {_where(runs.smoke)}")
+    if runs.smoke_included:
+        out.append(f"{len(runs.smoke_included)} of the reported runs are smoke runs "
+                   f"({runs.smoke_included[0].smoke}, --include-smoke): their metrics are not results")
     return out
 
 
-def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None, rows=None) -> Table:
-    """One row per configuration (or group), mean ± std (or s.e.) over seeds; see the module docstring."""
+def _where(rs: list[Run]) -> str:
+    """The directory holding these runs (their common parent), for a message."""
+    dirs = [str((r.path.parent if r.path.name == RESULTS else r.path).resolve()) for r in rs if r.path]
+    return os.path.commonpath(dirs) if dirs else "no run directory"
+
+
+def _er_caption(fit: ERFit) -> str:
+    clip_text = ("before the logit each accuracy is clipped to [0.5/n, 1 − 0.5/n], n = its test samples "
+                 "(the OOD sets together for the OOD mean)")
+    src = ("testbed file" if fit.testbed is not None else "baseline rows") + (", per OOD set" if fit.mode == "per-set"
+                                                                                 else ", OOD mean")
+    if not fit.ok:
+        return (f"Eff. robustness (OOD acc − σ(a · logit(ID acc) + b), Taori et al. 2020; fit: {src}): a gap, "
+                f"{fit.reason}.")
+    if fit.mode == "mean":
+        return (f"Eff. robustness (Taori et al. 2020; fit: {src}), in percentage points: OOD mean acc − "
+                f"σ(a · logit(ID acc) + b), averaged per row, with a = {fit.a:.3f}, b = {fit.b:.3f} fitted by "
+                f"least squares on logit axes through {fit.source()}; {clip_text}.")
+    lines = "; ".join(f"{s}: a = {a:.3f}, b = {b:.3f}" for s, (a, b) in fit.lines.items())
+    return (f"Eff. robustness (Taori et al. 2020; fit: {src}), in percentage points: per OOD set s, acc_s − "
+            f"σ(a_s · logit(ID acc) + b_s) (columns ER s), with one line per set fitted by least squares on logit "
+            f"axes through {fit.source()} ({lines}); eff. robustness: a run's mean over the {len(fit.lines)} sets, "
+            f"averaged per row; {clip_text}.")
+
+
+def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None, rows=None, fit: ERFit | None = None,
+              er_fit: str = "mean", testbed=None) -> Table:
+    """One row per configuration (or group), mean ± std (or s.e.) over seeds; see the module docstring.
+    The effective-robustness fit is `fit`, or effective_robustness(runs, baselines, er_fit, testbed)."""
     labels = [runs.resolve(x, "--rows") for x in rows] if rows else runs.labels()
-    cols = columns(runs, metric)
-    fit = effective_robustness(runs, baselines)
+    fit = fit or effective_robustness(runs, baselines, er_fit, testbed)
+    cols = columns(runs, metric, list(fit.lines) if fit.mode == "per-set" else ())
     table_rows = []
     for lab in labels:
         members = sorted(runs.row(lab), key=lambda r: r.seed)
@@ -777,21 +1080,19 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
         rows_text = ("Rows: the overrides that vary across runs (seed and "
                      + (f"the overrides common to all runs, {', '.join(runs.common)}, left out)." if runs.common
                         else "no override common to all runs)."))
-    clip_text = ("before the logit each accuracy is clipped to [0.5/n, 1 − 0.5/n], n = its test samples "
-                 "(the OOD sets together for the OOD mean)")
-    if fit.ok:
-        er = (f"Eff. robustness (Taori et al. 2020), in percentage points: OOD mean acc − σ(a · logit(ID acc) + "
-              f"b), averaged per row, with a = {fit.a:.3f}, b = {fit.b:.3f} fitted by least squares on logit "
-              f"axes through the {len(fit.points)} runs (one point per seed) of the baseline rows "
-              f"{', '.join(fit.baselines)}; {clip_text}.")
-    else:
-        er = f"Eff. robustness (OOD mean acc − σ(a · logit(ID acc) + b), Taori et al. 2020): a gap, {fit.reason}."
+    if runs.inert:
+        rows_text += (f" Overrides that do not change the experiment are not row factors: "
+                      f"{', '.join(runs.inert)}.")
     seeds = runs.seeds
+    n_text = (f"n: runs that finished, of the runs in the row and the seeds ({', '.join(map(str, seeds))}: every "
+              f"seed seen in these runs) it has no run of" if runs.group_by else
+              f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
+              f"({', '.join(map(str, seeds))}: every seed seen in these runs)")
     caption = (f"Test {what} (ID, each OOD set and their mean; ECE on the ID test set in %) of "
                f"{_rules(runs.runs)} on ID validation, mean ± {spread} over seeds. "
-               f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
-               f"({', '.join(map(str, seeds))}: every seed seen in these runs); a failed or missing run is a gap, "
-               f"never averaged away. {rows_text} {er}")
+               f"{n_text}; a failed or missing run is a gap, never averaged away. Bold: per column the best mean "
+               f"(lower NLL and ECE, higher accuracy and eff. robustness) and every mean within the best one's "
+               f"{'s.e.' if se else 'std'} of it. {rows_text} {_er_caption(fit)}")
     if runs.tuned:
         key = next(iter(runs.tuned.values()))[0]
         choices = "; ".join(f"{row}: {best} (" + ", ".join(f"{v}: {100 * m:.1f}" for v, m in means.items()) + ")"
@@ -801,7 +1102,9 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
     if any(c.key.startswith("test/source/") for c in cols):
         caption += (" Source task: the fine-tuned backbone with the original source head on the source test set "
                     "(forgetting).")
-    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels))
+    if runs.smoke_included:
+        caption += f" Includes {len(runs.smoke_included)} smoke runs (not results)."
+    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels), dict(runs.names))
 
 
 # ---------------------------------------------------------------------------------------------- paired compare
@@ -829,6 +1132,30 @@ class Pair:
         return statistics.stdev(self.diffs) if len(self.diffs) > 1 else None
 
     @property
+    def se(self) -> float | None:
+        return self.std / math.sqrt(self.n) if self.std is not None else None
+
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """95% confidence interval of the mean difference, t-based: mean ± t(0.975, n−1) · s.e."""
+        if self.se is None:
+            return None
+        from scipy import stats
+
+        h = stats.t.ppf(0.975, self.n - 1) * self.se
+        return self.mean - h, self.mean + h
+
+    @property
+    def p_value(self) -> float | None:
+        """Two-sided paired t-test of mean difference 0 (scipy.stats.ttest_rel on the paired values, i.e. a
+        one-sample t-test of the differences); None for fewer than two pairs or differences all equal."""
+        if self.std is None or self.std == 0:
+            return None
+        from scipy import stats
+
+        return float(stats.ttest_1samp(self.diffs, 0.0).pvalue)
+
+    @property
     def wins(self) -> int:
         """Seeds in which A is better than B (higher acc and ER, lower NLL and ECE)."""
         return sum((d > 0) if self.higher_is_better else (d < 0) for d in self.diffs)
@@ -839,7 +1166,9 @@ class Pair:
 
 
 def _column_for(runs: Runs, key: str) -> Column:
-    metric = key.rsplit("/", 1)[-1] if key != "er" else "acc"
+    if key == "er" or key.startswith("er/"):
+        return Column("eff. robustness" if key == "er" else f"ER {key[3:]}", key, 100.0, 1, True, signed=True)
+    metric = key.rsplit("/", 1)[-1]
     for c in columns(runs, metric if metric in METRICS else "acc"):
         if c.key == key:
             return c
@@ -857,7 +1186,7 @@ def paired(runs: Runs, a: str, b: str, metric: str = "test/ood/mean/acc", baseli
     runs at one seed (--group-by merging configurations) contributes their mean at that seed."""
     a, b = runs.resolve(a, "--compare"), runs.resolve(b, "--compare")
     col = _column_for(runs, metric)
-    if col.key == "er" and fit is None:
+    if (col.key == "er" or col.key.startswith("er/")) and fit is None:
         fit = effective_robustness(runs, baselines)
     per: list[dict[int, float]] = []
     for lab in (a, b):
@@ -883,30 +1212,46 @@ def _seed_status(runs: Runs, label: str, seed: int) -> str | None:
     return "failed" if any(r.status == "failed" for r in at) else "missing"
 
 
-def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=None) -> str:
+def _p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=None, se: bool = False,
+                    fit: ERFit | None = None) -> str:
+    """Per column: the per-seed differences A − B, their mean ± std (s.e. with se), a t-based 95% confidence
+    interval of the mean difference, the two-sided paired t-test's p-value, and the seeds A wins."""
     a, b = runs.resolve(a, "--compare"), runs.resolve(b, "--compare")
-    fit = effective_robustness(runs, baselines)
-    cols = columns(runs, metric)
+    fit = fit or effective_robustness(runs, baselines)
+    cols = columns(runs, metric, list(fit.lines) if fit.mode == "per-set" else ())
     pairs = [(c, paired(runs, a, b, c.key, fit=fit)) for c in cols]
     seeds = sorted({s for _, p in pairs for s in p.seeds})
-    head = ["column"] + [f"seed {s}" for s in seeds] + ["mean ± std", f"{a} better"]
-    lines = [f"# Paired comparison: {a} vs {b}", "",
-             f"Per-seed differences {a} − {b} over the seeds both finished (a seed fixes the head initialisation "
+    na, nb = runs.name(a), runs.name(b)
+    spread = "s.e." if se else "std"
+    head = ["column"] + [f"seed {s}" for s in seeds] + [f"mean ± {spread}", "95% CI", "p (paired t)", f"{na} better"]
+    lines = [f"# Paired comparison: {na} vs {nb}", "",
+             f"Per-seed differences {na} − {nb} over the seeds both finished (a seed fixes the head initialisation "
              f"and the batch order, so runs of one seed are paired). Accuracy, ECE and effective robustness in "
-             f"percentage points, NLL in nats. `{a} better`: seeds in which {a} has the higher accuracy or "
+             f"percentage points, NLL in nats. Mean ± {'s.e. (std/√n)' if se else 'std (n−1)'} of the "
+             f"differences; 95% CI: mean ± t(0.975, n−1) · std/√n; p: two-sided paired t-test of a zero mean "
+             f"difference (scipy.stats.ttest_rel). `{na} better`: seeds in which {na} has the higher accuracy or "
              f"effective robustness, or the lower NLL or ECE, out of the paired n (ties named). Effective "
              f"robustness: {fit.describe()}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for c, p in pairs:
         d = dict(zip(p.seeds, p.diffs))
-        cells = [f"{d[s]:+.{c.decimals}f}" if s in d else "–" for s in seeds]
-        ms = "–" if p.mean is None else (f"{p.mean:+.{c.decimals}f} ± "
-                                         + (f"{p.std:.{c.decimals}f}" if p.std is not None else "–"))
+        k = c.decimals
+        cells = [f"{d[s]:+.{k}f}" if s in d else "–" for s in seeds]
+        sp = p.se if se else p.std
+        ms = "–" if p.mean is None else f"{p.mean:+.{k}f} ± " + (f"{sp:.{k}f}" if sp is not None else "–")
+        ci = "–" if p.ci95 is None else f"[{p.ci95[0]:+.{k}f}, {p.ci95[1]:+.{k}f}]"
         win = f"{p.wins} of {p.n}" + (f" ({p.ties} tied)" if p.ties else "") if p.n else "–"
-        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in [c.name] + cells + [ms, win]) + " |")
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in [c.name] + cells + [ms, ci, _p(p.p_value), win])
+                     + " |")
     unpaired = []  # seeds a row did not finish (a column without a value shows "–" and is explained above)
     for s in runs.seeds:
-        why = [f"{lab} {st}" for lab in (a, b) if (st := _seed_status(runs, lab, s))]
+        why = [f"{runs.name(lab)} {st}" for lab in (a, b) if (st := _seed_status(runs, lab, s))]
         if why:
             unpaired.append(f"seed {s} ({'; '.join(why)})")
     if unpaired:
@@ -1021,8 +1366,14 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
         yerr = [[cy - min(max(my - sy, eps_y), cy)], [max(min(my + sy, 1 - eps_y), cy) - cy]]
         ax.errorbar([cx], [cy], xerr=xerr, yerr=yerr, fmt="o", ms=9, color=c, mec="black", mew=0.8,
                     ecolor=c, elinewidth=1.4, capsize=3, zorder=3,
-                    label=_wrap(f"{lab} ({_n(len(pts[lab]), len(runs.row(lab)))})"
+                    label=_wrap(f"{runs.name(lab)} ({_n(len(pts[lab]), len(runs.row(lab)))})"
                                 + (" · baseline" if lab in fit.baselines else "")))
+    if fit.testbed is not None and fit.mode == "mean" and fit.points:
+        tx, ty = [x for _, x, _ in fit.points], [y for _, _, y in fit.points]
+        allx += tx
+        ally += ty
+        ax.scatter(tx, ty, s=30, marker="x", color="0.35", lw=1.1, zorder=2,
+                   label=_wrap(f"testbed {fit.testbed.path.name} ({len(tx)} models)"))
     xlo, xhi = _limits(allx)
     ylo, yhi = _limits(ally)
     lo, hi = min(xlo, ylo), max(xhi, yhi)
@@ -1030,9 +1381,14 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
 
     grid = [sigmoid(t) for t in np.linspace(logit(lo), logit(hi), 200)]
     ax.plot(grid, grid, ls=":", color="0.55", lw=1, label="y = x", zorder=1)
-    if fit.ok:
+    if fit.ok and fit.mode == "per-set":
+        ax.plot([], [], " ", label=_wrap("effective robustness fitted per OOD set (see the table): no single line "
+                                         "for the mean"))
+    elif fit.ok:
+        who = f"testbed {fit.testbed.path.name}" if fit.testbed is not None else ", ".join(map(runs.name,
+                                                                                                fit.baselines))
         ax.plot(grid, [sigmoid(fit.a * logit(x) + fit.b) for x in grid], ls="--", color="black", lw=1.3, zorder=1,
-                label=_wrap(f"baseline fit ({', '.join(fit.baselines)}): logit(OOD) = {fit.a:.2f}·logit(ID) "
+                label=_wrap(f"baseline fit ({who}): logit(OOD) = {fit.a:.2f}·logit(ID) "
                             f"{'+' if fit.b >= 0 else '−'} {abs(fit.b):.2f}"))
     else:
         ax.plot([], [], " ", label=_wrap(f"no baseline fit: {fit.reason}"))  # a legend line, never over data
@@ -1138,7 +1494,7 @@ def _wise(runs: Runs, labels: list[str], colors: dict):
     for lab, (alphas, per_alpha, n) in curves.items():
         for ax, j in zip(axes, (0, 1)):
             _band(ax, alphas, [[p[j] for p in per_alpha[a]] for a in alphas], colors[lab],
-                  _wrap(f"{lab} ({_n(n, len(runs.row(lab)))})"))
+                  _wrap(f"{runs.name(lab)} ({_n(n, len(runs.row(lab)))})"))
     for ax, what in zip(axes, ("ID test accuracy", f"OOD test accuracy, mean of {len(runs.ood_sets())} sets")):
         ax.set_title(what, fontsize=11.5)
         ax.set_ylabel("accuracy (%)", fontsize=10.5)
@@ -1182,7 +1538,7 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc"):
             dodge = (j - (len(shown) - 1) / 2) * width / max(len(shown) - 1, 1)
             ax.errorbar([x + dodge for x in xs], means, yerr=sds, fmt="-o", ms=4.5, lw=1.8, capsize=3,
                         color=colors[lab],
-                        label=_wrap(f"{lab} ({_n(len(done), len(runs.row(lab)))})"))
+                        label=_wrap(f"{runs.name(lab)} ({_n(len(done), len(runs.row(lab)))})"))
         ax.set_xticks(xs, ["0\n(ID)"] + [str(k) for k in sev], fontsize=9.5)
         ax.set_xlabel("corruption severity (0: the clean ID test set)", fontsize=10.5)
         ax.set_ylabel("test accuracy (%)", fontsize=10.5)
@@ -1253,6 +1609,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rows", nargs="+", metavar="LABEL", help="the rows to show, in this order")
     ap.add_argument("--baselines", nargs="+", metavar="LABEL",
                     help="rows fitting the effective-robustness line (default: schedule.name frozen or full)")
+    ap.add_argument("--testbed", type=Path, metavar="FILE",
+                    help="CSV of baseline models trained on the ID data (columns model, id, one per OOD set; "
+                         "accuracies in [0, 1]): the effective-robustness fit goes through them instead of rows")
+    ap.add_argument("--er-fit", choices=ER_FITS, default="mean",
+                    help="one line for the OOD mean (default) or one per OOD set (Taori et al.), with a column per set")
+    ap.add_argument("--include-smoke", action="store_true",
+                    help="report smoke runs too (debug=smoke or trainer.limit_*_batches: not results)")
+    ap.add_argument("--label", action="append", default=[], metavar="ROW=NAME",
+                    help='display name of a row, e.g. --label schedule=lp_ft="LP-FT" (repeatable)')
+    ap.add_argument("--labels", type=Path, metavar="FILE", help="YAML or JSON mapping row label -> display name")
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                     help="paired comparison A − B over shared seeds (repeatable)")
     ap.add_argument("--tune", metavar="KEY", help="per row, keep the value of KEY (e.g. optimizer.lr) with the best "
@@ -1270,23 +1636,50 @@ def main(argv=None) -> int:
         return e.code
 
 
+def _names(args) -> dict:
+    """--labels FILE and --label ROW=NAME (these win) as {row: name}."""
+    names = {}
+    if args.labels:
+        import yaml
+
+        try:
+            data = yaml.safe_load(args.labels.read_text())  # JSON is YAML
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ReportError(f"--labels {args.labels}: cannot be read ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise ReportError(f"--labels {args.labels}: not a mapping of row label -> name")
+        names.update({str(k): v for k, v in data.items()})
+    for item in args.label:
+        row, sep, name = item.rpartition("=")
+        if not sep or not row or not name.strip():
+            raise ReportError(f"--label {item!r}: expected ROW=NAME, e.g. schedule=lp_ft=LP-FT")
+        names[row] = name.strip().strip('"')
+    return names
+
+
 def _report(args) -> int:
-    runs = load(args.paths, group_by=args.group_by)
+    runs = load(args.paths, group_by=args.group_by, include_smoke=args.include_smoke)
     if args.tune:
         runs = tune(runs, args.tune)
     for s in runs.skipped:
         print(f"{PROG}: {'warning' if s.kind == 'duplicate' else 'error'}: {s.path}: {s.reason}", file=sys.stderr)
+    if runs.smoke:
+        print(f"{PROG}: warning: left out {len(runs.smoke)} smoke run(s) under {_where(runs.smoke)} "
+              f"({runs.smoke[0].smoke}: metrics of a few batches, not results); --include-smoke reports them",
+              file=sys.stderr)
     if not runs.runs:
         print(f"{PROG}: error: no readable results under {', '.join(map(str, args.paths))}; nothing written",
               file=sys.stderr)
         return 1
-    # every label is checked before anything is written
+    # every label and input file is checked before anything is written
     rows = [runs.resolve(x, "--rows") for x in args.rows] if args.rows else None
     baselines = [runs.resolve(x, "--baselines") for x in args.baselines] if args.baselines else None
     compare = [(runs.resolve(a, "--compare"), runs.resolve(b, "--compare")) for a, b in args.compare]
+    rename(runs, _names(args))
+    fit = effective_robustness(runs, baselines, args.er_fit, args.testbed)
     out = args.out or runs.root
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(runs, metric=args.metric, se=args.se, baselines=baselines, rows=rows)
+    table = summarize(runs, metric=args.metric, se=args.se, rows=rows, fit=fit)
     written = []
     for name, text in (("table.md", table.markdown()), ("table.tex", table.latex()), ("table.csv", table.csv())):
         (out / name).write_text(text)
@@ -1305,7 +1698,7 @@ def _report(args) -> int:
             written.append(path)
             print(text)
     for (a, b), typed in zip(compare, args.compare):
-        text = paired_markdown(runs, a, b, args.metric, baselines)
+        text = paired_markdown(runs, a, b, args.metric, se=args.se, fit=fit)
         path = out / f"paired_{_safe(typed[0])}_vs_{_safe(typed[1])}.md"
         path.write_text(text)
         written.append(path)
