@@ -610,8 +610,8 @@ def read_testbed(path, sets: list[str]) -> Testbed:
     """A testbed CSV (see Testbed) with a column for each of `sets`; a ReportError names what is wrong."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="") as f:  # lines starting with # are comments
+            rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
             head = [h.strip() for h in (rows and rows[0].keys() or [])]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ReportError(f"--testbed {path}: cannot be read ({e})") from None
@@ -622,7 +622,7 @@ def read_testbed(path, sets: list[str]) -> Testbed:
     if lack:
         raise ReportError(f"--testbed {path}: no column {lack[0]!r} (has {', '.join(head)}; needs {', '.join(need)})")
     acc: dict[str, list[float]] = {c: [] for c in need[1:]}
-    for line, row in enumerate(rows, start=2):
+    for row in rows:
         row = {k.strip(): v for k, v in row.items() if k is not None}
         for c in need[1:]:
             text = (row.get(c) or "").strip()
@@ -631,9 +631,10 @@ def read_testbed(path, sets: list[str]) -> Testbed:
             except ValueError:
                 v = float("nan")
             if not 0 <= v <= 1:
-                raise ReportError(f"--testbed {path}: line {line}, {c}={text!r} is not an accuracy in [0, 1]")
+                raise ReportError(f"--testbed {path}: model {(row.get('model') or '').strip()!r}: {c}={text!r} is "
+                                  f"not an accuracy in [0, 1]")
             acc[c].append(v)
-    return Testbed(path, [str(r.get("model", "")).strip() for r in rows], acc)
+    return Testbed(path, [str(r.get("model") or "").strip() for r in rows], acc)
 
 
 @dataclass
@@ -993,8 +994,8 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 
 def _tex(s: str) -> str:
-    # "--" would typeset as an en dash (--include-smoke): keep the hyphens apart
-    return "".join(_TEX.get(ch, ch) for ch in s).replace("--", "-{}-").replace("-{}--{}-", "-{}-{}-")
+    # a hyphen before another would typeset "--" as an en dash (--include-smoke): keep them apart
+    return "".join("-{}" if ch == "-" and s[i + 1:i + 2] == "-" else _TEX.get(ch, ch) for i, ch in enumerate(s))
 
 
 def _tex_num(s: str) -> str:
