@@ -601,3 +601,17 @@ def test_paired_confidence_interval_and_t_test_match_scipy(copy, capsys):
     pv = stats.ttest_rel(a, b).pvalue
     assert cells[4:7] == [f"{statistics.mean(d):+.1f} ± {stats.sem(d):.1f}", f"[{lo:+.1f}, {hi:+.1f}]",
                           "< 0.001" if pv < 0.001 else f"{pv:.3f}"]
+
+
+def test_se_is_honoured_in_the_wise_table_and_figures(copy):
+    res = results(copy)
+    assert main([str(copy), "--se", "--rows", "wise_ft", "--out", str(copy / "se")]) == 0
+    wise = (copy / "se" / "wise_schedule=wise_ft.md").read_text()
+    assert "mean ± s.e. over 3 seeds" in wise
+    line = next(ln for ln in wise.splitlines() if ln.startswith("| 0.5 |"))
+    vals = [100 * next(p for p in res[("wise_ft", k)]["wise"] if p["alpha"] == 0.5)["metrics"]
+            ["test/wise/0.5/ood/printed/acc"] for k in SEEDS]
+    assert line.split("|")[3].strip().startswith(f"{statistics.mean(vals):.1f} ± "
+                                                 f"{statistics.stdev(vals) / math.sqrt(3):.1f}")
+    figs = report.figures(load([copy]), se=True)
+    assert "s.e." in figs.figures["id_vs_ood"].axes[0].get_title()

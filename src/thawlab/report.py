@@ -26,9 +26,10 @@ Outputs, next to the runs (the common parent of the PATHs, or the single PATH) o
   (per OOD set too with --er-fit per-set) and n. Per column the best mean (higher accuracy and effective
   robustness, lower NLL and ECE) and every mean within the best one's spread as shown (std, or s.e.) are bold
   (md, tex). table.tex is booktabs with the values aligned at ±, minus signs as \textminus, scaled to the
-  line width only when wider (needs booktabs and graphicx). Cells are mean ± std (sample std, n−1) over seeds, or mean ± s.e. (std/√n) with --se. n counts the
-  seeds that finished out of those expected: every seed seen anywhere in the reported runs is expected for
-  every configuration. A failed run (status "failed"), a run directory without results.json (killed) and a
+  line width only when wider (needs booktabs and graphicx). Cells are mean ± std (sample std, n−1) over
+  seeds, or mean ± s.e. (std/√n) with --se (so are the paired files, the WiSE-FT tables and the figures' bars
+  and bands). n counts the seeds that finished out of those expected: every seed seen anywhere in the
+  reported runs is expected for every configuration. A failed run (status "failed"), a run directory without results.json (killed) and a
   seed that has no run at all lower n and are named, with their error, in the notes; nothing is averaged
   over silently.
 - id_vs_ood, wise, severity (.png and .pdf): ID vs OOD-mean accuracy on logit axes with the baseline fit, the
@@ -1107,8 +1108,8 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
         rows_text += (f" Overrides that do not change the experiment are not row factors: "
                       f"{', '.join(runs.inert)}.")
     seeds = runs.seeds
-    n_text = (f"n: runs that finished, of the runs in the row and the seeds ({', '.join(map(str, seeds))}: every "
-              f"seed seen in these runs) it has no run of" if runs.group_by else
+    n_text = (f"n: runs that finished, of the row's runs plus one per seed it has no run of (seeds "
+              f"{', '.join(map(str, seeds))}: every seed seen in these runs)" if runs.group_by else
               f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
               f"({', '.join(map(str, seeds))}: every seed seen in these runs)")
     caption = (f"Test {what} (ID, each OOD set and their mean; ECE on the ID test set in %) of "
@@ -1361,7 +1362,18 @@ def _new_figure(w: float, h: float):
     return fig
 
 
-def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
+def _sd(values: list[float], se: bool = False) -> float:
+    """The spread drawn or printed: sample std (n−1), or the s.e. std/√n; 0 for a single value."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) / (math.sqrt(len(values)) if se else 1.0)
+
+
+def _spread_name(se: bool) -> str:
+    return "s.e." if se else "std"
+
+
+def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict, se: bool = False):
     pts = {lab: [(r, *v) for r in runs.row(lab) if (v := id_ood(r)) is not None] for lab in labels}
     if not any(pts.values()):
         return None, "no finished run reports test/id/acc and test/ood/mean/acc"
@@ -1379,8 +1391,8 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
         c = colors[lab]
         ax.scatter(xs, ys, s=28, color=c, alpha=0.45, edgecolors="none", zorder=2)
         mx, my = statistics.fmean(x for _, x, _ in pts[lab]), statistics.fmean(y for _, _, y in pts[lab])
-        sx = statistics.stdev([x for _, x, _ in pts[lab]]) if len(pts[lab]) > 1 else 0.0
-        sy = statistics.stdev([y for _, _, y in pts[lab]]) if len(pts[lab]) > 1 else 0.0
+        sx = _sd([x for _, x, _ in pts[lab]], se)
+        sy = _sd([y for _, _, y in pts[lab]], se)
         # keep the mean and its bars inside (0, 1), where a logit axis can draw them, as the clipped points are
         eps_x = min(min(xs), 1 - max(xs), 0.5)
         eps_y = min(min(ys), 1 - max(ys), 0.5)
@@ -1423,7 +1435,8 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict):
     _logit_axis(ax, "y", ylo, yhi)
     ax.set_xlabel("ID test accuracy (%, logit scale)", fontsize=11)
     ax.set_ylabel(f"OOD test accuracy, mean of {n_ood} sets (%, logit scale)", fontsize=11)
-    ax.set_title("ID vs OOD accuracy: small dots are seeds, large markers the row mean ± std", fontsize=12)
+    ax.set_title(f"ID vs OOD accuracy: small dots are seeds, large markers the row mean ± {_spread_name(se)}",
+                 fontsize=12)
     ax.tick_params(labelsize=9.5)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False, borderaxespad=0)
@@ -1449,8 +1462,9 @@ def _wise_points(run: Run) -> list[tuple[float, float, float]]:
     return out
 
 
-def wise_markdown(runs: Runs, label: str, metric: str = "acc") -> str | None:
-    """The WiSE-FT curve of one row as a table: per alpha, mean ± std over seeds of ID, each OOD set and the
+def wise_markdown(runs: Runs, label: str, metric: str = "acc", se: bool = False) -> str | None:
+    """The WiSE-FT curve of one row as a table: per alpha, mean ± std (s.e. with se) over seeds of ID, each OOD
+    set and the
     OOD mean, and per column the seeds in which alpha beats alpha = 1 (the fine-tuned endpoint), paired by
     seed. None when the row's runs have no curve."""
     done = [r for r in runs.row(label) if r.done and r.wise]
@@ -1465,7 +1479,8 @@ def wise_markdown(runs: Runs, label: str, metric: str = "acc") -> str | None:
     end = per_alpha.get(1.0, {})
     better = (lambda d: d > 0) if metric == "acc" else (lambda d: d < 0)
     head = ["alpha", *[("ID" if s == "id" else "OOD " + s.removeprefix("ood/")) for s in sets]]
-    lines = [f"**WiSE-FT curve of {label}.** Test {metric} (%), mean ± std over {len(done)} seeds, of "
+    lines = [f"**WiSE-FT curve of {runs.name(label)}.** Test {metric} (%), mean ± {_spread_name(se)} over "
+             f"{len(done)} seeds, of "
              f"(1 − α) θ₀ + α θ_ft (θ₀: pretrained body + linear-probe head; θ_ft: the fine-tuned checkpoint "
              f"selected on ID validation). In brackets: seeds in which α beats α = 1, paired by seed.", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * len(sets) + "|"]
@@ -1479,7 +1494,7 @@ def wise_markdown(runs: Runs, label: str, metric: str = "acc") -> str | None:
                 cells.append("–")
                 continue
             xs = [scale * v for v in vals.values()]
-            sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+            sd = _sd(xs, se) if len(xs) > 1 else float("nan")
             cell = f"{statistics.fmean(xs):.1f} ± {sd:.1f}"
             end_key = f"test/wise/1/{s}/{metric}"
             paired = [(v, end[seed][end_key]) for seed, v in vals.items() if seed in end and end_key in end[seed]]
@@ -1490,15 +1505,15 @@ def wise_markdown(runs: Runs, label: str, metric: str = "acc") -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _band(ax, xs, per_x: list[list[float]], color, label):
+def _band(ax, xs, per_x: list[list[float]], color, label, se: bool = False):
     means = [100 * statistics.fmean(v) for v in per_x]
-    sds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_x]
+    sds = [100 * _sd(v, se) for v in per_x]
     ax.plot(xs, means, "-o", color=color, ms=4, lw=1.8, label=label)
     ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], color=color,
                     alpha=0.18, lw=0)
 
 
-def _wise(runs: Runs, labels: list[str], colors: dict):
+def _wise(runs: Runs, labels: list[str], colors: dict, se: bool = False):
     curves = {}
     for lab in labels:
         per_alpha: dict[float, list[tuple[float, float]]] = {}
@@ -1517,7 +1532,7 @@ def _wise(runs: Runs, labels: list[str], colors: dict):
     for lab, (alphas, per_alpha, n) in curves.items():
         for ax, j in zip(axes, (0, 1)):
             _band(ax, alphas, [[p[j] for p in per_alpha[a]] for a in alphas], colors[lab],
-                  _wrap(f"{runs.name(lab)} ({_n(n, len(runs.row(lab)))})"))
+                  _wrap(f"{runs.name(lab)} ({_n(n, len(runs.row(lab)))})"), se)
     for ax, what in zip(axes, ("ID test accuracy", f"OOD test accuracy, mean of {len(runs.ood_sets())} sets")):
         ax.set_title(what, fontsize=11.5)
         ax.set_ylabel("accuracy (%)", fontsize=10.5)
@@ -1528,13 +1543,13 @@ def _wise(runs: Runs, labels: list[str], colors: dict):
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=9.5)
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=9, frameon=False, borderaxespad=0,
-                   title="mean ± std over seeds", title_fontsize=9)
+                   title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
     fig.suptitle("WiSE-FT: interpolating from θ₀ (pretrained body + linear-probe head) to the fine-tuned "
                  "weights", fontsize=12)
     return fig, None
 
 
-def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc"):
+def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc", se: bool = False):
     families: dict[str, list[int]] = {}
     for s in runs.ood_sets():
         if m := re.fullmatch(r"(.+)_s(\d+)", s):
@@ -1557,7 +1572,7 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc"):
             if not done or not all(vals):
                 continue
             means = [100 * statistics.fmean(v) for v in vals]
-            sds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            sds = [100 * _sd(v, se) for v in vals]
             dodge = (j - (len(shown) - 1) / 2) * width / max(len(shown) - 1, 1)
             ax.errorbar([x + dodge for x in xs], means, yerr=sds, fmt="-o", ms=4.5, lw=1.8, capsize=3,
                         color=colors[lab],
@@ -1575,22 +1590,22 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc"):
     if not handles:
         return None, "no finished run reports every severity"
     fig.legend(handles, names, loc="outside right upper", fontsize=9, frameon=False,
-               title="mean ± std over seeds", title_fontsize=9)
+               title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
     fig.suptitle("Accuracy against corruption severity", fontsize=12)
     return fig, None
 
 
 def figures(runs: Runs, out=None, baselines=None, rows=None, fit: ERFit | None = None,
-            formats=FORMATS) -> FigureSet:
+            formats=FORMATS, se: bool = False) -> FigureSet:
     """The three figures (matplotlib Figures, drawn with Agg; pyplot's state is not touched); saved to
     out/<name>.png and .pdf when `out` is given. A figure without data is skipped with a note."""
     labels = [runs.resolve(x, "--rows") for x in rows] if rows else runs.labels()
     fit = fit or effective_robustness(runs, baselines)
     colors = _colors(runs.labels())
     result = FigureSet()
-    for name, make in (("id_vs_ood", lambda: _scatter(runs, labels, fit, colors)),
-                       ("wise", lambda: _wise(runs, labels, colors)),
-                       ("severity", lambda: _severity(runs, labels, colors))):
+    for name, make in (("id_vs_ood", lambda: _scatter(runs, labels, fit, colors, se)),
+                       ("wise", lambda: _wise(runs, labels, colors, se)),
+                       ("severity", lambda: _severity(runs, labels, colors, se=se))):
         fig, why = make()
         if fig is None:
             result.notes.append(f"{name} figure skipped: {why}")
@@ -1709,12 +1724,12 @@ def _report(args) -> int:
         written.append(out / name)
     print(table.markdown())
     if not args.no_figures:
-        figs = figures(runs, out, rows=rows, fit=table.fit)
+        figs = figures(runs, out, rows=rows, fit=table.fit, se=args.se)
         written += figs.paths
         for n in figs.notes:
             print(f"note: {n}")
     for label in rows or runs.labels():
-        text = wise_markdown(runs, label, args.metric)
+        text = wise_markdown(runs, label, args.metric, args.se)
         if text:
             path = out / (f"wise_{_safe(label)}.md" if len(runs.labels()) > 1 else "wise.md")
             path.write_text(text)
