@@ -458,6 +458,8 @@ def test_per_set_effective_robustness_matches_scipy_linregress(copy):
         mean_er = [100 * statistics.fmean(per_set[s][j] for s in sets) for j in range(3 * i, 3 * i + 3)]
         assert row.cells["eff. robustness"].values == pytest.approx(mean_er)
     assert "fit: baseline rows, per OOD set" in table.caption and "a_s · logit(ID acc) + b_s" in table.caption
+    pair = report.paired(runs, "wise_ft", "frozen", f"er/{sets[0]}", baselines=["frozen", "wise_ft"])
+    assert pair.diffs == pytest.approx([100 * (per_set[sets[0]][3 + k] - per_set[sets[0]][k]) for k in SEEDS])
     assert "fit: baseline rows, OOD mean" in report.summarize(runs).caption
 
 

@@ -86,8 +86,8 @@ def paired(runs: Runs, a: str, b: str, metric: str = "test/ood/mean/acc", baseli
     runs at one seed (--group-by merging configurations) contributes their mean at that seed."""
     a, b = runs.resolve(a, "--compare"), runs.resolve(b, "--compare")
     col = _column_for(runs, metric)
-    if (col.key == "er" or col.key.startswith("er/")) and fit is None:
-        fit = effective_robustness(runs, baselines)
+    if (col.key == "er" or col.key.startswith("er/")) and fit is None:  # a set's ER needs the per-set fit
+        fit = effective_robustness(runs, baselines, "per-set" if col.key.startswith("er/") else "mean")
     per: list[dict[int, float]] = []
     for lab in (a, b):
         vals: dict[int, list[float]] = {}
