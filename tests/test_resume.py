@@ -176,3 +176,20 @@ def test_sigint_marks_the_run_interrupted_and_exits_130(tmp_path, cache_dir):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # a whole checkpoint
     assert f"after epoch {state['epoch'] + 1} of 15" in result["error"]
     assert state["thawlab_identity"]["overrides"] == result["overrides"]
+
+
+def test_a_signal_never_cuts_a_checkpoint_write_short(tmp_path):
+    """SIGTERM in the middle of writing a checkpoint: the write completes, then the run is interrupted."""
+    from thawlab.resume import Interrupted, interruptible, signals_deferred
+
+    def save(path):
+        path.write_text("first half ")
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at once: the handler runs before the next line
+        path.write_text("first half and second half")
+
+    with interruptible(), pytest.raises(Interrupted, match="SIGTERM"):
+        signals_deferred(save)(tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt").read_text() == "first half and second half"
+    with interruptible(), pytest.raises(Interrupted, match="SIGTERM"):  # outside a write: at once
+        save(tmp_path / "other.ckpt")
+    assert (tmp_path / "other.ckpt").read_text() == "first half "

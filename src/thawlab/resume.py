@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -174,8 +175,33 @@ class Interrupted(BaseException):
         return self.reason
 
 
+_deferring: list[int] | None = None  # inside signals_deferred: the signals that arrived meanwhile
+
+
 def _raise_interrupted(signum, frame):
+    if _deferring is not None:
+        _deferring.append(signum)
+        return
     raise Interrupted(signum)
+
+
+def signals_deferred(fn):
+    """fn, with SIGINT and SIGTERM held back until it returns. For writing checkpoints: Lightning writes to a
+    temporary file and moves it into place, but across file systems (the temporary file is in /tmp) the move
+    is a copy that a signal could cut short, leaving half a last.ckpt."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _deferring
+        if _deferring is not None:  # nested: the outer call raises
+            return fn(*args, **kwargs)
+        _deferring = []
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            pending, _deferring = _deferring, None
+            if pending:
+                raise Interrupted(pending[0])
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -120,7 +120,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
     from thawlab.build import prepare_for_device, print_metrics, print_partition, print_wise
     from thawlab.pretrain import source_weights
-    from thawlab.resume import identity
+    from thawlab.resume import identity, signals_deferred
 
     run_dir = Path(job["run_dir"])
     record = new_record(cfg, job, write=rank == 0)
@@ -150,6 +150,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
         trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping)
+        io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
+        io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
         stopping = early_stopping_report(cfg, module)
