@@ -193,3 +193,34 @@ def test_a_signal_never_cuts_a_checkpoint_write_short(tmp_path):
     with interruptible(), pytest.raises(Interrupted, match="SIGTERM"):  # outside a write: at once
         save(tmp_path / "other.ckpt")
     assert (tmp_path / "other.ckpt").read_text() == "first half "
+
+
+def test_a_resume_may_change_how_a_run_is_shown_never_what_it_computes(run, monkeypatch):
+    overrides = ["schedule=lp_ft", "schedule.lp_epochs=1", "trainer.max_epochs=3"]
+    with monkeypatch.context() as m:
+        add_callbacks(m, _KillAfter(0))
+        with pytest.raises(Killed):
+            run(*overrides, name="job")
+    with pytest.raises(ThawlabError, match=r"differs from the run's in optimizer\.lr=0\.01 \(checkpoint: 0\.001\), "
+                                           r"trainer\.max_epochs=4 \(checkpoint: 3\);"):
+        run(*overrides, "trainer.max_epochs=4", "optimizer.lr=0.01", "ckpt_path=last", name="job")
+    r = run(*overrides, "logger=csv", "data.num_workers=1", "ckpt_path=last", name="job")  # shown, not computed
+    assert r["status"] == "done" and r["overrides"][-5:] == overrides + ["logger=csv", "data.num_workers=1"]
+    assert r["metrics"]["test/id/acc"] >= 0 and [e["from_epoch"] for e in r["resumed"]] == [1]
+
+
+def test_a_signal_handled_by_someone_else_stays_theirs():
+    """submitit's SLURM jobs bypass SIGTERM and requeue on their own signal: thawlab must not take it over."""
+    from thawlab.resume import interruptible
+
+    def bypass(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, bypass)
+    try:
+        with interruptible():
+            assert signal.getsignal(signal.SIGTERM) is bypass
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # Ctrl-C: thawlab's
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
