@@ -1,6 +1,8 @@
 """Kill a run in the middle of a schedule, rerun it with ckpt_path=last: the same weights, metrics and trace
 as a run that was never interrupted (Lightning #21901: groups unfrozen before the checkpoint must train after
-it; finetuning-scheduler #30: no duplicated parameter groups)."""
+it; finetuning-scheduler #30: no duplicated parameter groups). And nothing a researcher does by mistake loses a
+result: a resume with another config is refused before it writes, a finished run is never rewritten, SIGTERM
+and SIGINT end a run saying where it stopped, `--resume <dir>` continues a run from its directory alone."""
 from __future__ import annotations
 
 import json
@@ -15,25 +17,9 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import BASE, TRAIN, add_callbacks, cli
+from conftest import BASE, TRAIN, Killed, KillAfter, add_callbacks, cli
 from thawlab.errors import ThawlabError
 from thawlab.results import RunRecord
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class _KillAfter(L.Callback):
-    """Ends the run after epoch `epoch`, once its checkpoint is on disk (Lightning writes checkpoints after
-    every other callback's epoch end), as a kill would."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch + 1:
-            raise Killed(f"killed after epoch {self.epoch}")
 
 
 CASES = {  # schedule overrides, the epoch after which the run dies, and what that epoch was
@@ -53,7 +39,7 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(run, monkeypatch, case)
     whole = run(*overrides)
 
     with monkeypatch.context() as m:
-        add_callbacks(m, _KillAfter(kill_epoch))
+        add_callbacks(m, KillAfter(kill_epoch))
         with pytest.raises(Killed):
             run(*overrides, name="resumed")
     state = torch.load(whole["run_dir"].parent / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -63,7 +49,8 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(run, monkeypatch, case)
     resumed = run(*overrides, "ckpt_path=last", name="resumed")
     assert resumed["status"] == "done"
     # the resume is recorded beside the run's identity, not in it
-    assert resumed["overrides"] == whole["overrides"] and [e["from_epoch"] for e in resumed["resumed"]] == [kill_epoch + 1]
+    assert resumed["overrides"] == whole["overrides"]
+    assert [e["from_epoch"] for e in resumed["resumed"]] == [kill_epoch + 1]
     a = torch.load(whole["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -198,7 +185,7 @@ def test_a_signal_never_cuts_a_checkpoint_write_short(tmp_path):
 def test_a_resume_may_change_how_a_run_is_shown_never_what_it_computes(run, monkeypatch):
     overrides = ["schedule=lp_ft", "schedule.lp_epochs=1", "trainer.max_epochs=3"]
     with monkeypatch.context() as m:
-        add_callbacks(m, _KillAfter(0))
+        add_callbacks(m, KillAfter(0))
         with pytest.raises(Killed):
             run(*overrides, name="job")
     with pytest.raises(ThawlabError, match=r"differs from the run's in optimizer\.lr=0\.01 \(checkpoint: 0\.001\), "

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from conftest import add_callbacks
-from test_resume import Killed, _KillAfter
+from conftest import Killed, KillAfter, add_callbacks
 from wandb_log import records, summary_and_history
 
 
@@ -51,7 +50,7 @@ def test_resumed_run_continues_the_same_wandb_run_and_its_steps(run, monkeypatch
     monkeypatch.setenv("NETRC", os.devnull)
     overrides = ("logger=wandb", "schedule=gradual", "schedule.interval=1", "trainer.max_epochs=4")
     with monkeypatch.context() as m:
-        add_callbacks(m, _KillAfter(1))
+        add_callbacks(m, KillAfter(1))
         with pytest.raises(Killed):
             run(*overrides, name="job")
     resumed = run(*overrides, "ckpt_path=last", name="job")
