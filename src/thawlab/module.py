@@ -154,6 +154,8 @@ class FineTuner(L.LightningModule):
         self._ddp_trainable: frozenset[str] | None = None  # what the current DDP wrapper all-reduces
         self.rank_report: dict | None = None  # DDP: each rank's pid, seed and weights at the end of fit
         self.trace: list[dict] = []
+        # the run's experiment-defining config (a resume must match it) and its overrides, W&B name and group
+        self.identity: dict | None = None
         self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
@@ -309,6 +311,8 @@ class FineTuner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
+        if self.identity is not None:
+            checkpoint["thawlab_identity"] = self.identity
         checkpoint["thawlab_plan"] = {"epochs": [p.epochs for p in self.phases], "stopped": self.stopped}
         # dropout, drop-path (torch), augmentations (torch, python: timm RandAugment), Mixup (numpy): a resumed
         # run continues exactly (loader worker processes aside: they are seeded afresh)
