@@ -298,8 +298,7 @@ class FineTuner(L.LightningModule):
     def _eval_step(self, stage, batch, dataloader_idx):
         logits = restrict(self._logits(stage, batch, dataloader_idx), self.class_subsets.get(
             self.eval_sets[stage][dataloader_idx]))
-        probs = torch.softmax(logits.float(), dim=-1)
-        self.metrics[f"{stage}_{dataloader_idx}"].update(probs, batch[1])
+        self.metrics[f"{stage}_{dataloader_idx}"].update(logits, batch[1])  # logits: NLL from log_softmax
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         self._eval_step("val", batch, dataloader_idx)
