@@ -52,11 +52,12 @@ class Adapter(NamedTuple):
     add: Callable  # (backbone, run config): add its modules to the backbone in place
     export: Callable  # backbone -> (a plain timm backbone: merged or removed, {name: tensor} saved beside it)
     check: Callable | None = None  # schedule config -> None: its options, checked before anything slow
+    changes_weights: bool = True  # False: it edits activations, no pretrained weight moves (L2-SP has no w - w0)
 
 
 # schedule.adapter -> what build_net, export_model and check_config do with it
 ADAPTERS = {"lora": Adapter(_add_lora, _merge_lora),
-            "reft": Adapter(_add_reft, reft.export_reft, reft.check_options)}
+            "reft": Adapter(_add_reft, reft.export_reft, reft.check_options, changes_weights=False)}
 
 
 def export_model(net: ThawNet, adapter: str | None, path: Path) -> None:
@@ -96,6 +97,11 @@ def check_config(cfg: DictConfig) -> None:
     adapter = ADAPTERS.get(cfg.schedule.get("adapter"))
     if adapter and adapter.check:
         adapter.check(cfg.schedule)
+    if adapter and not adapter.changes_weights and cfg.regularization.l2sp_alpha:
+        raise ThawlabError(f"regularization.l2sp_alpha={cfg.regularization.l2sp_alpha} with schedule.adapter="
+                           f"{cfg.schedule.adapter}: it edits activations and moves no pretrained weight, so "
+                           f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
+                           f"applies to the head)")
     check_regularization(cfg)
 
 
