@@ -21,9 +21,9 @@ from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
+from thawlab.selection import SELECT, SelectCheckpoint  # noqa: F401  (SELECT: build.SELECT for callers)
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, copyable
-SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
 LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 
 
@@ -228,9 +228,10 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
-                  early_stopping: DictConfig | None = None, **overrides) -> L.Trainer:
+                  early_stopping: DictConfig | None = None, select: str = "best", **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
-    counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks)."""
+    counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks).
+    select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`)."""
     from thawlab import ranks
 
     merged = OmegaConf.create({**OmegaConf.to_container(trainer_cfg, resolve=True), **overrides})
@@ -238,12 +239,10 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: Di
     kwargs["precision"] = resolve_precision(merged)
     callbacks = []
     if run_dir is not None:
-        # the checkpoint selected on ID validation first (trainer.checkpoint_callback), then last.ckpt, written
-        # every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in epochs
-        # whose monitored metric improved, which would resume a killed run from a stale epoch
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch}",
-                                         auto_insert_metric_name=False, monitor=SELECT[0], mode=SELECT[1],
-                                         save_top_k=1))
+        # the selected checkpoint first (trainer.checkpoint_callback; thawlab/selection.py), then last.ckpt,
+        # written every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in
+        # epochs whose monitored metric improved, which would resume a killed run from a stale epoch
+        callbacks.append(SelectCheckpoint(run_dir / "checkpoints", select))
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
     if early_stopping is not None and early_stopping.patience is not None:
@@ -286,11 +285,11 @@ def print_partition(net: ThawNet, phases) -> None:
                       f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head")
 
 
-def print_metrics(metrics: dict[str, float], stage: str = "test") -> None:
+def print_metrics(metrics: dict[str, float], stage: str = "test", selected: str = f"on {SELECT[0]}") -> None:
     sets = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics
                    if k.startswith(f"{stage}/") and not k.startswith(f"{stage}/wise/")},
                   key=lambda s: (s != "id", s == "ood/mean", s == "source", s))
-    table = Table(title=f"{stage} metrics (checkpoint selected on {SELECT[0]})", title_justify="left")
+    table = Table(title=f"{stage} metrics (checkpoint selected {selected})", title_justify="left")
     for col in ("set", "acc %", "nll", "ece %"):
         table.add_column(col, justify="left" if col == "set" else "right")
     for s in sets:
