@@ -76,10 +76,13 @@ def test_lp_ft_selection_with_early_stopping_stays_in_fine_tuning(run, monkeypat
     assert r["selection"]["phase"] == "ft" and r["selection"]["epoch"] == _first_best(seen.acc, ft)
 
 
-def test_wise_ft_interpolates_towards_the_end_of_fine_tuning(run, capsys):
+def test_wise_ft_interpolates_towards_the_end_of_fine_tuning(run, capsys, monkeypatch):
+    seen = _ValAcc()
+    add_callbacks(monkeypatch, seen)
     r = run("schedule=wise_ft", *PROBE_BEST, "schedule.alphas=[0.0,1.0]", FULL_TEST)
     assert r["selection"]["rule"] == "last epoch" and r["selection"]["phases"] == ["ft"]
     assert (r["selection"]["epoch"], r["selection"]["phase"]) == (3, "ft")
+    assert r["selection"]["value"] == pytest.approx(seen.acc[3])  # its own val/id/acc, not the file's stale one
     # theta_ft: the weights at the end of fine-tuning (last.ckpt is the end of the run, the end of ft)
     selected, last = _state(r, "final-epoch3.ckpt"), _state(r, "last.ckpt")
     assert r["selection"]["checkpoint"] == "checkpoints/final-epoch3.ckpt"

@@ -177,6 +177,9 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     if not best:  # e.g. no validation ran in a considered phase: nothing to select from
         raise ThawlabError(f"no checkpoint was selected (schedule.select={selector.rule}, schedule.select_phases="
                            f"{[p.name for p in module.phases if p.select]}): did validation run in those phases?")
+    # what fit selected, read before test: loading a checkpoint restores the callback's state as that file has it,
+    # and a file is written before its own epoch is recorded as the selection
+    chosen = dict(selector.selected or {})
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
     if trainer.global_rank != 0:  # what follows runs in one process: evaluations on top, files
@@ -187,7 +190,6 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     if cfg.export or cfg.schedule.get("adapter"):
         export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
     epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
-    chosen = selector.selected or {}
     if chosen.get("epoch") != epoch:  # resumed from a checkpoint written before selections were recorded
         chosen = {"epoch": epoch, "phase": phase_at(module.phases, epoch)[1].name,
                   "value": _float(selector.best_model_score)}
