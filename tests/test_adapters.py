@@ -217,3 +217,74 @@ def test_typo_gets_a_suggestion_and_adding_twice_is_refused():
     add_lora(vit, target_modules=["fc1"])
     with pytest.raises(ThawlabError, match="already has LoRA adapters"):
         add_lora(vit)
+
+
+# ---- L2-SP with LoRA: the penalty is on the merged weights, as PEFT merges them --------------------------------
+# random init; ResNet without timm's zero-initialised last BN of each block, which would keep those blocks'
+# adapters at zero (their gradients are zero while that BN, frozen under LoRA, is)
+@pytest.mark.parametrize("name,kwargs", [("test_vit", {"img_size": 32}), ("test_resnet", {"zero_init_last": False})],
+                         ids=["vit", "resnet"])
+def test_l2sp_with_lora_is_the_distance_of_peft_merged_weights_to_w0(name, kwargs):
+    """Li et al.'s alpha/2 ||w - w0||^2 with w the weights the adapted network computes with: after some real
+    training steps (B nonzero), the penalty equals the distance of PEFT's own `merge_and_unload()` result (a copy of
+    the same model wrapped by `get_peft_model`, given the trained adapters) to the weights as loaded."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import compose_cfg
+    from thawlab.build import build_module, build_net
+    from thawlab.data.digits import DigitsTarget
+
+    alpha = 0.1
+    cfg = compose_cfg(["logger=none", "backbone.pretrained=false", f"backbone.name={name}",
+                       *[f"+backbone.kwargs.{k}={v}" for k, v in kwargs.items()], "schedule=lora",
+                       "schedule.rank=4", "regularization=l2sp", f"regularization.l2sp_alpha={alpha}",
+                       "regularization.l2sp_beta=0"])
+    torch.manual_seed(0)
+    net, pre = build_net(cfg, 10, False)
+    module = build_module(cfg, net, DigitsTarget(pre))
+    module.net.apply_phase(module.phases[0])
+    w0 = {k.replace(".base_layer.", "."): v.clone() for k, v in net.backbone.state_dict().items() if "lora_" not in k}
+    assert module.l2sp_penalty().item() == 0.0  # B = 0: the merged weights are w0
+
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        (torch.nn.functional.cross_entropy(net(x), y) + module.l2sp_penalty()).backward()
+        opt.step()
+    bs = [p for n, p in net.backbone.named_parameters() if "lora_B" in n]
+    assert all(b.abs().max() > 0 for b in bs), "training moved every B"
+    assert not any(p.requires_grad for n, p in net.backbone.named_parameters() if "lora_" not in n)
+    penalty = module.l2sp_penalty()
+
+    # the reference: PEFT's own wrapping and merge of a copy of the same model
+    plain = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    plain.load_state_dict(w0)
+    wrapped = [n for n, m in net.backbone.named_modules() if type(m).__module__.startswith("peft.")
+               and hasattr(m, "lora_A")]
+    config = LoraConfig(r=4, lora_alpha=cfg.schedule.alpha, target_modules="|".join(re.escape(n) for n in wrapped))
+    peft_model = get_peft_model(plain, config)
+    peft_model.base_model.model.load_state_dict(net.backbone.state_dict())  # same keys: inject keeps module paths
+    merged = peft_model.merge_and_unload().state_dict()
+    want = alpha / 2 * sum((merged[k].double() - w0[k].double()).pow(2).sum() for k in w0
+                           if merged[k].is_floating_point())
+    assert set(merged) == set(w0)
+    assert want.item() > 0
+    assert penalty.item() == pytest.approx(want.item(), rel=1e-5)
+
+    # not the factors' distance to their initialisation (what was penalised before)
+    assert penalty.grad_fn is not None
+    penalty.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in net.backbone.named_parameters()
+               if "lora_A" in n)
+
+
+def test_l2sp_alpha_with_reft_is_a_one_line_error():
+    from conftest import compose_cfg
+    from thawlab.build import check_config
+
+    with pytest.raises(ThawlabError, match=r"regularization.l2sp_alpha=0.1 with schedule.adapter=reft: it edits "
+                                           r"activations and moves no pretrained weight"):
+        check_config(compose_cfg(["logger=none", "schedule=reft", "regularization=l2sp"]))
+    check_config(compose_cfg(["logger=none", "schedule=reft", "regularization=l2sp", "regularization.l2sp_alpha=0"]))

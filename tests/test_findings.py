@@ -41,24 +41,31 @@ def _compare(a: list[float], b: list[float]) -> tuple[float, int, str]:
 
 
 @pytest.fixture(scope="module")
-def wise_and_full(experiment):
-    """WiSE-FT runs (their test metrics are LP-FT's: the same phases, seeds and weights) and FT runs."""
-    wise = [experiment("wise_ft", "experiment=wise_ft_mini", "schedule=wise_ft", f"seed={s}") for s in SEEDS]
-    full = [experiment("wise_ft", "experiment=wise_ft_mini", "schedule=full", f"seed={s}") for s in SEEDS]
-    return wise, full
+def lp_ft_and_full(experiment):
+    """LP-FT runs (the checkpoint: the best fine-tuning epoch on ID validation, the paper's early stopping) and FT
+    runs. WiSE-FT's runs train the same weights but test the end of fine-tuning, so they are not LP-FT's rows."""
+    lp_ft = [experiment("lp_ft", "experiment=lp_ft_mini", "schedule=lp_ft", f"seed={s}") for s in SEEDS]
+    full = [experiment("lp_ft", "experiment=lp_ft_mini", "schedule=full", f"seed={s}") for s in SEEDS]
+    return lp_ft, full
 
 
-def test_lp_ft_beats_fine_tuning_on_the_style_shift(wise_and_full):
+@pytest.fixture(scope="module")
+def wise(experiment):
+    return [experiment("wise_ft", "experiment=wise_ft_mini", "schedule=wise_ft", f"seed={s}") for s in SEEDS]
+
+
+def test_lp_ft_beats_fine_tuning_on_the_style_shift(lp_ft_and_full):
     """Kumar et al., ICLR 2022: with good pretrained features and a large shift, LP-FT > FT out of distribution."""
-    lp_ft, ft = wise_and_full
+    lp_ft, ft = lp_ft_and_full
     key = "test/ood/printed/acc"
     mean, wins, line = _compare([r["metrics"][key] for r in lp_ft], [r["metrics"][key] for r in ft])
     assert wins >= 7 and mean >= 3.0, f"LP-FT - FT on printed digits: {mean:+.1f} points, {wins}/10 ({line})"
 
 
-def test_wise_ft_at_one_half_beats_the_fine_tuned_endpoint_out_of_distribution(wise_and_full):
-    """Wortsman et al., CVPR 2022: theta(0.5) beats theta_ft OOD, with ID no worse than the weaker endpoint."""
-    wise, _ = wise_and_full
+def test_wise_ft_at_one_half_beats_the_fine_tuned_endpoint_out_of_distribution(wise):
+    """Wortsman et al., CVPR 2022: theta(0.5) beats theta_ft (the end of fine-tuning) OOD, with ID no worse than
+    the weaker endpoint."""
+    assert all(r["selection"]["phase"] == "ft" for r in wise)
     m = [r["metrics"] for r in wise]
     mean, wins, line = _compare([x["test/wise/0.5/ood/printed/acc"] for x in m], [x["test/wise/1/ood/printed/acc"]
                                                                                   for x in m])

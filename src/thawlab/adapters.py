@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import sys
 
+import torch
 from torch import nn
 
 from thawlab.errors import ThawlabError, did_you_mean
@@ -145,6 +146,22 @@ def merge_lora(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def merged_weights(backbone: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{name of each LoRA layer's base weight (`<layer>.base_layer.weight`): (W + delta W, whether the adapter
+    trains)}, where delta W = PEFT's own `get_delta_weight` (what `merge` adds: (alpha / rank) B A, for a conv
+    the kxk A composed with the 1x1 B), kept differentiable: the weight the layer computes with, which L2-SP
+    (Li et al. 2018) compares with the pretrained one. Empty without adapters."""
+    out = {}
+    for name in _wrapped(backbone):
+        layer = backbone.get_submodule(name)
+        if layer.merged or ADAPTER in getattr(layer, "lora_variant", {}):  # merged: W already holds delta W
+            raise RuntimeError(f"{name}: a merged adapter or a LoRA variant (DoRA...) has no plain delta weight")
+        weight = layer.get_base_layer().weight
+        trains = any(p.requires_grad for n, p in layer.named_parameters() if "lora_" in n)
+        out[f"{name}.base_layer.weight"] = (weight + layer.get_delta_weight(ADAPTER).to(weight.dtype), trains)
+    return out
+
+
 def _wrapped(model: nn.Module) -> list[str]:
     """Names of the PEFT-wrapped modules (none without PEFT imported: then nothing can be wrapped)."""
     if sys.modules.get("peft") is None:
@@ -244,4 +261,4 @@ def lora_parameter_count(backbone: nn.Module) -> int:
     return sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
 
 
-__all__ = ["add_lora", "default_lora_targets", "merge_lora", "lora_parameter_count", "ADAPTER"]
+__all__ = ["add_lora", "default_lora_targets", "merge_lora", "merged_weights", "lora_parameter_count", "ADAPTER"]

@@ -21,9 +21,9 @@ from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
+from thawlab.selection import SELECT, SelectCheckpoint  # noqa: F401  (SELECT: build.SELECT for callers)
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, copyable
-SELECT = ("val/id/acc", "max")  # model selection: the checkpoint with the best ID validation accuracy
 LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 
 
@@ -52,11 +52,12 @@ class Adapter(NamedTuple):
     add: Callable  # (backbone, run config): add its modules to the backbone in place
     export: Callable  # backbone -> (a plain timm backbone: merged or removed, {name: tensor} saved beside it)
     check: Callable | None = None  # schedule config -> None: its options, checked before anything slow
+    changes_weights: bool = True  # False: it edits activations, no pretrained weight moves (L2-SP has no w - w0)
 
 
 # schedule.adapter -> what build_net, export_model and check_config do with it
 ADAPTERS = {"lora": Adapter(_add_lora, _merge_lora),
-            "reft": Adapter(_add_reft, reft.export_reft, reft.check_options)}
+            "reft": Adapter(_add_reft, reft.export_reft, reft.check_options, changes_weights=False)}
 
 
 def export_model(net: ThawNet, adapter: str | None, path: Path) -> None:
@@ -101,6 +102,11 @@ def check_config(cfg: DictConfig) -> None:
     adapter = ADAPTERS.get(cfg.schedule.get("adapter"))
     if adapter and adapter.check:
         adapter.check(cfg.schedule)
+    if adapter and not adapter.changes_weights and cfg.regularization.l2sp_alpha:
+        raise ThawlabError(f"regularization.l2sp_alpha={cfg.regularization.l2sp_alpha} with schedule.adapter="
+                           f"{cfg.schedule.adapter}: it edits activations and moves no pretrained weight, so "
+                           f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
+                           f"applies to the head)")
     check_regularization(cfg)
 
 
@@ -227,9 +233,10 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
-                  early_stopping: DictConfig | None = None, **overrides) -> L.Trainer:
+                  early_stopping: DictConfig | None = None, select: str = "best", **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
-    counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks)."""
+    counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks).
+    select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`)."""
     from thawlab import ranks
 
     merged = OmegaConf.create({**OmegaConf.to_container(trainer_cfg, resolve=True), **overrides})
@@ -237,12 +244,10 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: Di
     kwargs["precision"] = resolve_precision(merged)
     callbacks = []
     if run_dir is not None:
-        # the checkpoint selected on ID validation first (trainer.checkpoint_callback), then last.ckpt, written
-        # every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in epochs
-        # whose monitored metric improved, which would resume a killed run from a stale epoch
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch}",
-                                         auto_insert_metric_name=False, monitor=SELECT[0], mode=SELECT[1],
-                                         save_top_k=1))
+        # the selected checkpoint first (trainer.checkpoint_callback; thawlab/selection.py), then last.ckpt,
+        # written every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in
+        # epochs whose monitored metric improved, which would resume a killed run from a stale epoch
+        callbacks.append(SelectCheckpoint(run_dir / "checkpoints", select))
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
     if early_stopping is not None and early_stopping.patience is not None:
@@ -285,11 +290,11 @@ def print_partition(net: ThawNet, phases) -> None:
                       f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head")
 
 
-def print_metrics(metrics: dict[str, float], stage: str = "test") -> None:
+def print_metrics(metrics: dict[str, float], stage: str = "test", selected: str = f"on {SELECT[0]}") -> None:
     sets = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics
                    if k.startswith(f"{stage}/") and not k.startswith(f"{stage}/wise/")},
                   key=lambda s: (s != "id", s == "ood/mean", s == "source", s))
-    table = Table(title=f"{stage} metrics (checkpoint selected on {SELECT[0]})", title_justify="left")
+    table = Table(title=f"{stage} metrics (checkpoint selected {selected})", title_justify="left")
     for col in ("set", "acc %", "nll", "ece %"):
         table.add_column(col, justify="left" if col == "set" else "right")
     for s in sets:

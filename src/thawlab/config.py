@@ -112,6 +112,10 @@ class ScheduleConfig:
     bn: Any = "train"
     probe_lr_mult: float = 10.0  # lr multiplier of the head while it trains alone (a linear probe)
     adapter: Optional[str] = None  # modules added to the backbone before training: null | lora | reft
+    # model selection (thawlab/selection.py): best (max val/id/acc) | last (the last epoch), over the epochs of
+    # select_phases (null: every phase, the whole run); lp_ft and wise_ft set their papers' rules
+    select: str = "best"
+    select_phases: Optional[list[str]] = None
 
 
 @dataclass

@@ -169,9 +169,12 @@ class FineTuner(L.LightningModule):
         self.theta0: dict[str, torch.Tensor] | None = None
         self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
         if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
-            self.w0 = nn.Module()
-            for i, (_, p) in enumerate(net.backbone.named_parameters()):
-                self.w0.register_buffer(str(i), p.detach().clone(), persistent=False)
+            self.w0 = nn.Module()  # buffers by position (a buffer's name cannot hold dots)
+            self._w0_index: dict[str, int] = {}
+            for name, p in net.backbone.named_parameters():
+                if "lora_" not in name:  # LoRA's A and B are no weights of the model: see l2sp_penalty
+                    self._w0_index[name] = len(self._w0_index)
+                    self.w0.register_buffer(str(self._w0_index[name]), p.detach().clone(), persistent=False)
 
     def forward(self, x):
         return self.net(x)
@@ -274,12 +277,24 @@ class FineTuner(L.LightningModule):
         return loss
 
     def l2sp_penalty(self) -> torch.Tensor:
-        """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the trainable body, beta/2 ||w||^2 over the head."""
+        """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the trainable body, beta/2 ||w||^2 over the head.
+
+        w is each weight the network computes with. A LoRA layer's is its base weight plus the adapter's change,
+        merged as PEFT merges it (adapters.merged_weights), so the penalty is alpha/2 ||W + (alpha_lora / r) B A -
+        W0||^2, as on the merged model; the factors A and B are not weights of the model and are not penalised
+        themselves (their own distance to their initialisation is a different regulariser)."""
         total = torch.zeros((), device=self.device)
         if self.l2sp_alpha:
-            for i, p in enumerate(self.net.backbone.parameters()):
-                if p.requires_grad:
-                    total = total + self.l2sp_alpha / 2 * (p - getattr(self.w0, str(i))).pow(2).sum()
+            from thawlab.adapters import merged_weights
+
+            merged = merged_weights(self.net.backbone)
+            for name, p in self.net.backbone.named_parameters():
+                if "lora_" in name:
+                    continue
+                w, trains = merged.get(name, (p, False))
+                if p.requires_grad or trains:
+                    w0 = getattr(self.w0, str(self._w0_index[name]))
+                    total = total + self.l2sp_alpha / 2 * (w - w0).pow(2).sum()
         if self.l2sp_beta:
             total = total + self.l2sp_beta / 2 * sum(p.pow(2).sum() for p in self.net.head.parameters())
         return total
@@ -339,8 +354,7 @@ class FineTuner(L.LightningModule):
     def _eval_step(self, stage, batch, dataloader_idx):
         logits = restrict(self._logits(stage, batch, dataloader_idx), self.class_subsets.get(
             self.eval_sets[stage][dataloader_idx]))
-        probs = torch.softmax(logits.float(), dim=-1)
-        self.metrics[f"{stage}_{dataloader_idx}"].update(probs, batch[1])
+        self.metrics[f"{stage}_{dataloader_idx}"].update(logits, batch[1])  # logits: NLL from log_softmax
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         self._eval_step("val", batch, dataloader_idx)

@@ -20,6 +20,7 @@ from thawlab.errors import ThawlabError, did_you_mean
 
 BN_POLICIES = ("train", "eval", "frozen")
 LR_SHAPES = ("cosine", "constant", "step", "stlr", "one_cycle")
+SELECT_RULES = ("best", "last")  # schedule.select: max val/id/acc, or the last epoch (thawlab/selection.py)
 BIASES = r"(^|\.)bias$"  # BitFit (Ben Zaken et al. 2022): bias terms only
 ADAPTERS = "lora_"  # parameters PEFT adds; everything else in the backbone stays as loaded
 INTERVENTIONS = r"(^|\.)reft\."  # parameters thawlab.reft adds (module path ...reft.rotate..., ...reft.source...)
@@ -35,6 +36,7 @@ class Phase:
     params: str | None = None  # regex: in trainable backbone groups only matching parameter names train
     shape: dict = field(default_factory=dict)  # overrides of optimizer.schedule and its arguments
     reset_optimizer: bool = False  # clear the optimizer state when the phase starts (fastai's unfreeze)
+    select: bool = True  # model selection considers this phase's epochs (schedule.select_phases; selection.py)
 
 
 def _body(groups):
@@ -175,12 +177,21 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
         raise ThawlabError(f"schedule.spread={schedule_cfg.spread!r} is not one of {', '.join(SPREADS)}")
     if schedule_cfg.get("interval", 1) < 1:
         raise ThawlabError(f"schedule.interval={schedule_cfg.interval} must be at least 1")
+    select = schedule_cfg.get("select", "best")
+    if select not in SELECT_RULES:
+        raise ThawlabError(f"schedule.select={select!r} is not one of {', '.join(SELECT_RULES)}"
+                           f"{did_you_mean(str(select), SELECT_RULES)}")
+    names = schedule_cfg.get("select_phases")
+    if names is not None and (isinstance(names, str) or len(names) == 0):
+        raise ThawlabError(f"schedule.select_phases={names!r} must be a non-empty list of phase names "
+                           f"(null: every phase)")
 
 
 def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: float = 1.0) -> list[Phase]:
     """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head').
 
     schedule.bn is one policy for every phase or a mapping {phase name: policy} (phases not named: train).
+    schedule.select_phases names the phases model selection considers (null: all of them).
     layer_decay is only checked here: timm's layer-wise lr decay is per parameter, not per block group, and
     is applied by the optimizer's groups (thawlab.backbone.layer_decay_scales, FineTuner).
     """
@@ -192,7 +203,14 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: floa
         if unknown:
             raise ThawlabError(f"schedule.bn names phase {sorted(unknown)[0]!r}; the phases of "
                                f"{schedule_cfg.name} are {', '.join(p.name for p in phases)}")
+    select = schedule_cfg.get("select_phases")
+    if select is not None:
+        unknown = set(select) - {p.name for p in phases}
+        if unknown:
+            raise ThawlabError(f"schedule.select_phases names phase {sorted(unknown)[0]!r}; the phases of "
+                               f"{schedule_cfg.name} are {', '.join(p.name for p in phases)}")
     phases = [replace(p, bn=bn.get(p.name, "train") if isinstance(bn, Mapping) else bn,
+                      select=select is None or p.name in select,
                       lr_mult={g: p.lr_mult.get(g, 1.0) for g in p.trainable})
               for p in phases]
     assert sum(p.epochs for p in phases) == epochs, phases

@@ -149,7 +149,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
-        trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping)
+        trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping,
+                                select=cfg.schedule.get("select", "best"))
         io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
         io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -164,7 +165,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
                       distributed=module.rank_report, **stopping)
-        print_metrics(metrics)
+        print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
+                                        f"{selection['epoch']} ({selection['phase']})")
         if wise:
             print_wise(wise)
         say(f"results: {run_dir / 'results.json'}")
@@ -190,16 +192,26 @@ def early_stopping_report(cfg: DictConfig, module) -> dict:
 
 def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
                       ) -> tuple[dict, dict, list | None]:
-    """The checkpoint selected on ID validation on every test set; then what the run asks for on top:
-    forgetting on the source task, the exported model, the WiSE-FT curve. (metrics, selection, wise curve)"""
+    """The selected checkpoint (thawlab/selection.py: schedule.select over schedule.select_phases) on every test
+    set; then what the run asks for on top: forgetting on the source task, the exported model, the WiSE-FT
+    curve. (metrics, selection, wise curve)"""
     import torch
 
-    from thawlab.build import SELECT, export_model
+    from thawlab.build import console, export_model
     from thawlab.pretrain import source_retention
+    from thawlab.schedules import phase_at
+    from thawlab.selection import RULES
     from thawlab.wise import wise_curve
 
-    best = trainer.checkpoint_callback.best_model_path
-    trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
+    selector = trainer.checkpoint_callback
+    best = selector.best_model_path
+    if not best:  # e.g. no validation ran in a considered phase: nothing to select from
+        raise ThawlabError(f"no checkpoint was selected (schedule.select={selector.rule}, schedule.select_phases="
+                           f"{[p.name for p in module.phases if p.select]}): did validation run in those phases?")
+    # what fit selected, read before test: loading a checkpoint restores the callback's state as that file has it,
+    # and a file is written before its own epoch is recorded as the selection
+    chosen = dict(selector.selected or {})
+    trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
     if trainer.global_rank != 0:  # what follows runs in one process: evaluations on top, files
         return metrics, {}, None
@@ -208,15 +220,24 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
         extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
     if cfg.export or cfg.schedule.get("adapter"):
         export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
+    epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
+    if chosen.get("epoch") != epoch:  # resumed from a checkpoint written before selections were recorded
+        chosen = {"epoch": epoch, "phase": phase_at(module.phases, epoch)[1].name,
+                  "value": _float(selector.best_model_score)}
+    head_only = {p.name for p in module.phases if p.trainable == ("head",)}
+    if cfg.schedule.get("alphas") and chosen["phase"] in head_only:
+        console.print(f"[yellow]warning: WiSE-FT's theta_ft is epoch {epoch} of phase {chosen['phase']}, which "
+                      f"trains the head only: the curve interpolates between two linear probes "
+                      f"(schedule.select_phases)[/yellow]")
     if cfg.schedule.get("alphas"):
         wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test", distributed=False), dm.num_classes, list(cfg.schedule.alphas),
                           dm.class_subsets)
         extra.update({k: v for point in wise for k, v in point["metrics"].items()})
     if trainer.logger and extra:
         trainer.logger.log_metrics(extra, step=trainer.global_step)
-    selection = {"rule": f"{SELECT[1]} {SELECT[0]}", "checkpoint": os.path.relpath(best, run_dir),
-                 "value": _float(trainer.checkpoint_callback.best_model_score),
-                 "epoch": torch.load(best, map_location="cpu", weights_only=True)["epoch"]}
+    selection = {"rule": RULES[selector.rule], "phases": [p.name for p in module.phases if p.select],
+                 "phase": chosen["phase"], "checkpoint": os.path.relpath(best, run_dir), "value": chosen["value"],
+                 "epoch": epoch}
     return {**metrics, **extra}, selection, wise
 
 

@@ -3,8 +3,9 @@
 theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_ft over every floating-point state-dict entry (BatchNorm
 statistics included; integer counters come from theta_ft). A timm backbone has no zero-shot head, so theta_0 is
 the pretrained body with the linear-probe head (the first phase of schedule=wise_ft, as the paper's recipe for
-models without one), and theta_ft the checkpoint selected on ID validation. The plain formula, not lerp:
-alpha = 0 and 1 give the endpoints exactly.
+models without one), and theta_ft the model at the end of fine-tuning, as the paper (the checkpoint schedule=wise_ft
+selects: `select: last` over its `ft` phase, thawlab/selection.py). The plain formula, not lerp: alpha = 0 and 1
+give the endpoints exactly. Evaluated from logits (thawlab.metrics).
 """
 from __future__ import annotations
 
