@@ -8,6 +8,7 @@ below under schema/<group> and named first in each option's defaults list
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -102,6 +103,7 @@ def _numeric(tp) -> tuple[type, bool] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def numeric_fields(cls) -> dict[str, tuple[Range, type, bool]]:
     """name -> (range, int or float, list) of a schema dataclass's numeric fields (declared ranges on Any
     fields count too). Raises TypeError for a numeric field that declares no range."""
@@ -159,7 +161,8 @@ class BackboneConfig:
     pretrained: Any = "source"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     coarse_groups: bool = True  # timm group_matcher(coarse=...): stages rather than single blocks
-    drop_path_rate: float = num(0.0, "[0, 1)")  # stochastic depth in [0, 1) through timm (active in trainable blocks only)
+    # stochastic depth in [0, 1) through timm (active in trainable blocks only)
+    drop_path_rate: float = num(0.0, "[0, 1)")
 
 
 @dataclass
@@ -167,7 +170,8 @@ class TrainerConfig:
     max_epochs: int = num(20, "[1, inf)")
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1  # more than 1: DDP, one process per device (on a CPU: per process, gloo); see trainer=ddp
-    num_nodes: int = num(1, "[1, inf)")  # SLURM multi-node: with hydra/launcher=submitit_slurm, one task per device on every node
+    # SLURM multi-node: with hydra/launcher=submitit_slurm, one task per device on every node
+    num_nodes: int = num(1, "[1, inf)")
     strategy: str = "auto"  # auto | ddp: multi-device jobs always run DDP, with ranks thawlab starts itself
     # auto: bf16-mixed on a GPU with bf16, 32-true on a CPU; or any Lightning precision (16-mixed, 32-true, ...)
     precision: str = "auto"
@@ -181,7 +185,8 @@ class TrainerConfig:
     num_sanity_val_steps: int = num(0, "[-1, inf)", "-1: every batch")
     log_every_n_steps: int = num(5, "[1, inf)")
     enable_progress_bar: bool = True
-    gradient_clip_val: Optional[float] = num(None, "(0, inf)", "null: no clipping")  # clip gradients to this norm (or value: gradient_clip_algorithm)
+    # clip gradients to this norm (or value: gradient_clip_algorithm)
+    gradient_clip_val: Optional[float] = num(None, "(0, inf)", "null: no clipping")
     gradient_clip_algorithm: str = "norm"  # norm (total 2-norm of the trainable gradients) | value
 
 
@@ -189,9 +194,12 @@ class TrainerConfig:
 class DDPConfig:
     """Multi-process jobs (trainer.devices > 1): how a job with a failed rank ends."""
 
-    timeout_s: int = num(600, "[1, inf)")  # collectives wait at most this long for a peer (NCCL hangs on a dead rank until then)
-    grace_s: float = num(30.0, "[0, inf)")  # after a rank fails, its peers get this long to record the failure, then are killed
-    fail_rank: Optional[int] = num(None, "[0, inf)", "null: none")  # testing the above: this rank raises in its first training step
+    # collectives wait at most this long for a peer (NCCL hangs on a dead rank until then)
+    timeout_s: int = num(600, "[1, inf)")
+    # after a rank fails, its peers get this long to record the failure, then are killed
+    grace_s: float = num(30.0, "[0, inf)")
+    # testing the above: this rank raises in its first training step
+    fail_rank: Optional[int] = num(None, "[0, inf)", "null: none")
 
 
 @dataclass
@@ -239,7 +247,8 @@ class ScheduleConfig:
 
 @dataclass
 class LPFTConfig(ScheduleConfig):
-    lp_epochs: Optional[int] = num(None, "[1, inf)", "null: half the run")  # epochs of the probing phase (default: half the run)
+    # epochs of the probing phase (default: half the run)
+    lp_epochs: Optional[int] = num(None, "[1, inf)", "null: half the run")
 
 
 @dataclass
@@ -297,7 +306,8 @@ class RegularizationConfig:
     # L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the pretrained body + beta/2 ||w_head||^2
     l2sp_alpha: float = num(0.0, "[0, inf)")
     l2sp_beta: float = num(0.0, "[0, inf)")
-    label_smoothing: float = num(0.0, "[0, 1)")  # in [0, 1): of the training loss only (evaluation NLL stays the plain NLL)
+    # in [0, 1): of the training loss only (evaluation NLL stays the plain NLL)
+    label_smoothing: float = num(0.0, "[0, 1)")
     # timm Mixup / CutMix of training batches: Beta(alpha, alpha) mixing weights, 0 = off (DeiT: 0.8 and 1.0);
     # both on: one or the other per batch, half the time each. Needs an even data.batch_size; no feature cache.
     mixup: float = num(0.0, "[0, inf)", "0: off")
@@ -377,7 +387,8 @@ class Cifar10Config(DataConfig):
     paths: CifarPaths = field(default_factory=CifarPaths)
     download: bool = False  # fetch missing files (torchvision's downloader) from their public URLs
     val_per_class: int = num(500, "[1, inf)")  # held out from the training batches for model selection
-    train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")  # at most this many training images per class (null: all)
+    # at most this many training images per class (null: all)
+    train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
     ood: list[str] = field(default_factory=lambda: ["cifar10_1", "stl10", "cifar10_c"])
     corruptions: list[str] = field(default_factory=lambda: [
