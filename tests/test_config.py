@@ -234,3 +234,25 @@ def test_a_failed_pretraining_leaves_no_cache_directory(tmp_path, monkeypatch):
     assert pretrain.source_weights(cfg).read_text() == "w"  # the next run starts afresh and caches
     assert sorted(p.name for p in pretrain.cache_dir(cfg).iterdir()) == [".lock", "done", "meta.json",
                                                                         "weights.safetensors"]
+
+
+@pytest.mark.parametrize("name,kwargs,size,needle", [
+    ("vit_tiny_patch16_224", {}, 32, "+backbone.kwargs.img_size=32 +backbone.kwargs.patch_size=4 or data.img_size=224"),
+    ("vit_tiny_patch16_224", {"img_size": 64}, 32, "takes 64x64 inputs only (fixed by its patch embedding)"),
+    ("swin_tiny_patch4_window7_224", {}, 64, "+backbone.kwargs.img_size=64 +backbone.kwargs.patch_size=8"),
+    ("pit_ti_224", {}, 32, "takes 224x224 inputs only (fixed by its timm config)"),
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, 32, None),
+    ("vit_tiny_patch16_224", {"dynamic_img_size": True}, 32, None),
+    ("resnet18", {}, 32, None),
+    ("test_vit", {}, 32, None),
+])
+def test_a_fixed_input_size_that_differs_from_the_data_is_caught_with_its_fix(name, kwargs, size, needle):
+    """On the meta device, before any weights or pretraining; the suggested override itself runs."""
+    from thawlab.backbone import check_input_size
+
+    if needle is None:
+        check_input_size(name, kwargs, size)
+        return
+    with pytest.raises(ThawlabError) as e:
+        check_input_size(name, kwargs, size)
+    assert needle in str(e.value) and f"data.img_size={size}" in str(e.value), str(e.value)

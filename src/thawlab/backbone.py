@@ -51,6 +51,8 @@ def check_input_size(name: str, kwargs: dict, img_size: int) -> None:
     if not fixed:
         return  # not a fixed-size model: the failure, if any, is reported where the model really runs
     h = int(tuple(fixed)[0])
+    if not _runs_at(model, h):
+        return  # it fails at its own size too: the meta device, not the size, is the problem here
     fixes = []
     patch = max(1, img_size // 8)
     suggested = {**kwargs, "img_size": img_size, **({"patch_size": patch} if "patch_size" in _args_of(model) else {})}
