@@ -182,9 +182,13 @@ def test_an_out_of_range_value_of_every_key_is_one_line_naming_key_value_and_ran
     assert len(tried) > 90
 
 
-def test_check_config_checks_ranges_first():
+def test_check_config_checks_ranges_first(tmp_path):
     with pytest.raises(ThawlabError, match=r"^optimizer\.lr=-0\.001 must be >= 0$"):
         check_config(compose_cfg(["optimizer.lr=-0.001", "backbone.name=no_such_model"]))
+    with pytest.raises(ThawlabError, match=r"^optimizer\.lr=-0\.001 must be >= 0$"):  # the task config as run
+        check_config(compose_cfg(["optimizer.lr=-0.001"], tmp_path))
+    with pytest.raises(ThawlabError, match=r"^seed=-1 is outside \[0, 4294967295\]$"):  # a key of the root
+        check_config(compose_cfg(["seed=-1"], tmp_path))
 
 
 CLI_BAD = [

@@ -126,6 +126,8 @@ def check_values(cfg: DictConfig, prefix: str = "") -> None:
     value and the range otherwise. Schema nodes are found by their type (OmegaConf keeps each group option's
     dataclass when Hydra composes), so every option of every group is covered."""
     cls = OmegaConf.get_type(cfg)
+    if not prefix and not dataclasses.is_dataclass(cls):
+        cls = TrainConfig  # the root loses its type in a masked copy (the task config without `hydra`)
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         return
     ranges = numeric_fields(cls)
