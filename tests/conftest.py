@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -83,6 +84,22 @@ def add_callbacks(monkeypatch, *callbacks) -> None:
         return trainer
 
     monkeypatch.setattr(build, "build_trainer", with_callbacks)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAfter(L.Callback):
+    """Ends the run after epoch `epoch`, once its checkpoint is on disk (Lightning writes checkpoints after
+    every other callback's epoch end), as a kill would."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch + 1:
+            raise Killed(f"killed after epoch {self.epoch}")
 
 
 def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | None = None):

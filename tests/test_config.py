@@ -82,6 +82,8 @@ BAD_INPUT = [
     (["schedule=lora", "schedule.target_modules=[nope]", "backbone.pretrained=false"],
      ["schedule.target_modules", "nope", "matches no module of test_resnet"]),
     (["optimizer.layer_decay=1.5"], ["optimizer.layer_decay=1.5", "(0, 1]"]),
+    (["optimizer.cut_frac=1.5"], ["optimizer.cut_frac=1.5", "(0, 1)"]),
+    (["schedule=fine_tune", "schedule.spread=layers"], ["schedule.spread='layers'", "fastai, blocks"]),
     (["schedule=wise_ft", "schedule.alphas=[0,0.5,2]"], ["schedule.alphas", "2", "outside [0, 1]"]),
     (["ckpt_path=last"], ["ckpt_path=last", "does not exist"]),
     (["head.dropout=1.0"], ["head.dropout=1.0", "outside [0, 1)"]),

@@ -18,6 +18,7 @@ def test_analysis_notebook_executes_on_a_sweep(tmp_path, cache_dir, monkeypatch)
             "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     monkeypatch.setenv("THAWLAB_SWEEP", str(sweep))
+    monkeypatch.setenv("THAWLAB_INCLUDE_SMOKE", "1")  # a smoke sweep: left out unless asked for
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -68,17 +68,29 @@ def fail(root: Path, schedule: str, seed: int, error: str) -> Path:
     return f
 
 
-def cli_report(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m thawlab.report` as a user runs it, on this checkout's code."""
+def cli_report(*args, cwd: Path, smoke: bool = True) -> subprocess.CompletedProcess:
+    """`python -m thawlab.report` as a user runs it, on this checkout's code (on the smoke fixture: with
+    --include-smoke unless smoke=False)."""
     env = {**os.environ, "PYTHONPATH": str(Path(thawlab.__file__).parents[1]), "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "thawlab.report", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "thawlab.report", *map(str, args),
+                           *(["--include-smoke"] if smoke else [])], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env=env)
 
 
-def md_rows(text: str) -> dict[str, list[str]]:
-    """table.md's data rows: label -> cells (header and separator left out)."""
+def load(paths, **kw) -> report.Runs:
+    """report.load on the smoke fixture: its runs are smoke runs, reported only when asked for."""
+    return report.load(paths, **{"include_smoke": True, **kw})
+
+
+def main(argv: list[str]) -> int:
+    return report.main([*argv, "--include-smoke"])
+
+
+def md_rows(text: str, bold: bool = False) -> dict[str, list[str]]:
+    """table.md's data rows: label -> cells (header and separator left out; bold marks removed unless bold)."""
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])}
+    return {cells[0]: [c if bold else c.removeprefix("**").removesuffix("**") for c in cells[1:]]
+            for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])}
 
 
 def hand_er(pts, runs_all, key_id="test/id/acc", key_ood="test/ood/mean/acc"):
@@ -124,18 +136,21 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
     assert "mean ± std (sample std, n−1)" in text and "max val/id/acc" in text
     assert "σ(a · logit(ID acc) + b)" in text and "baseline rows schedule=frozen" in text
     assert "clipped to [0.5/n, 1 − 0.5/n]" in text and "debug=smoke" in text
-    # LaTeX: a tabular with escaped underscores, one line per row
+    # LaTeX: a booktabs tabular with escaped underscores, one line per row, each value split at ±
     tex = (out / "table.tex").read_text()
     assert tex.count(r"\begin{tabular}") == 1 and tex.count(r"\end{tabular}") == 1
     assert tex.index(r"\begin{tabular}") < tex.index(r"\end{tabular}")
     assert r"schedule=wise\_ft &" in tex and r"OOD corrupt\_s1" in tex and r"$\pm$" in tex
     assert re.search(r"(?<!\\)_", tex) is None and r"\caption{" in tex
+    assert all(x in tex for x in (r"\toprule", r"\midrule", r"\bottomrule", r"\resizebox", r"\begin{table*}"))
     body = tex[tex.index(r"\begin{tabular}"):tex.index(r"\end{tabular}")]
-    assert all(ln.count("&") == len(head) - 1 for ln in body.splitlines() if ln.endswith(r"\\"))
+    lines = [ln for ln in body.splitlines() if ln.endswith(r"\\")]
+    assert lines[0].count("&") == len(head) - 1 and lines[0].count(r"\multicolumn{2}{c}") == len(head) - 2
+    assert all(ln.count("&") == len(head) - 1 + len(head) - 2 for ln in lines[1:])
     # CSV: unrounded means and stds
     with open(out / "table.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["row"] for r in table] == ROWS
+    assert [r["row"] for r in table] == ROWS and [r["name"] for r in table] == ROWS
     for r, s in zip(table, SCHEDULES):
         vals = [100 * res[(s, k)]["metrics"]["test/ood/mean/acc"] for k in SEEDS]
         assert float(r["OOD mean (acc %) mean"]) == pytest.approx(statistics.mean(vals), abs=1e-9)
@@ -169,7 +184,7 @@ def test_failed_killed_and_absent_seeds_are_gaps_that_lower_n(copy):
     fail(copy, "wise_ft", 1, "ThawlabError: schedule.lp_epochs=9 must leave both phases an epoch of the 3")
     killed = res[("frozen", 2)]["file"]
     killed.unlink()  # killed: its directory (.hydra) without results.json
-    runs = report.load([copy])
+    runs = load([copy])
     assert sorted((r.label, r.seed, r.status) for r in runs.runs if not r.done) == [
         ("schedule=frozen", 2, "missing"), ("schedule=wise_ft", 1, "failed")]
     table = report.summarize(runs)
@@ -189,7 +204,7 @@ def test_failed_killed_and_absent_seeds_are_gaps_that_lower_n(copy):
     extra = copy / "extra"
     shutil.copytree(res[("frozen", 0)]["file"].parent, extra)
     (extra / "results.json").write_text(json.dumps(json.loads((extra / "results.json").read_text()) | {"seed": 7}))
-    table = report.summarize(report.load([copy]))
+    table = report.summarize(load([copy]))
     by = {r.label: r for r in table.rows}
     assert by["schedule=wise_ft"].n_text == "2 of 4" and by["schedule=frozen"].n_text == "3 of 4"
     assert "schedule=wise_ft, seed 7: missing: no run of this seed" in table.markdown()
@@ -197,7 +212,7 @@ def test_failed_killed_and_absent_seeds_are_gaps_that_lower_n(copy):
 
 def test_effective_robustness_is_the_logit_fit_computed_by_hand(copy):
     res = results(copy)
-    runs = report.load([copy])
+    runs = load([copy])
     assert report.default_baselines(runs) == ["schedule=frozen"]
     everyone = [res[(s, k)] for s in SCHEDULES for k in SEEDS]
     a, b, er = hand_er(everyone, everyone)  # both rows as baselines: six points
@@ -213,7 +228,7 @@ def test_effective_robustness_is_the_logit_fit_computed_by_hand(copy):
     for k in SEEDS:
         m = res[("frozen", k)]["metrics"] | {"test/id/acc": 0.5}
         edit(copy, "frozen", k, metrics=m)
-    table = report.summarize(report.load([copy]))
+    table = report.summarize(load([copy]))
     assert not table.fit.ok and all(r.cells["eff. robustness"].mean is None for r in table.rows)
     assert "fewer than two distinct ID accuracies" in table.caption
     assert [row[-2] for row in md_rows(table.markdown()).values()] == ["–", "–"]
@@ -222,7 +237,7 @@ def test_effective_robustness_is_the_logit_fit_computed_by_hand(copy):
 def test_paired_differences_and_win_counts(copy, capsys):
     res = results(copy)
     fail(copy, "frozen", 2, "RuntimeError: boom")
-    runs = report.load([copy])
+    runs = load([copy])
     p = report.paired(runs, "wise_ft", "frozen", "test/ood/printed/acc")
     diffs = [100 * (res[("wise_ft", k)]["metrics"]["test/ood/printed/acc"]
                     - res[("frozen", k)]["metrics"]["test/ood/printed/acc"]) for k in (0, 1)]
@@ -233,20 +248,20 @@ def test_paired_differences_and_win_counts(copy, capsys):
     d = [res[("wise_ft", k)]["metrics"]["test/id/ece"] - res[("frozen", k)]["metrics"]["test/id/ece"] for k in (0, 1)]
     assert ece.wins == sum(x < 0 for x in d)
     # the CLI writes and prints the same
-    rc = report.main([str(copy), "--no-figures", "--compare", "schedule=wise_ft", "frozen"])
+    rc = main([str(copy), "--no-figures", "--compare", "schedule=wise_ft", "frozen"])
     assert rc == 0
     text = (copy / "paired_schedule=wise_ft_vs_frozen.md").read_text()
     line = next(ln for ln in text.splitlines() if ln.startswith("| OOD printed |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    assert cells[1:] == [f"{diffs[0]:+.1f}", f"{diffs[1]:+.1f}", f"{mean:+.1f} ± {sd:.1f}",
-                         f"{p.wins} of 2" + (f" ({p.ties} tied)" if p.ties else "")]
+    assert cells[1:3] == [f"{diffs[0]:+.1f}", f"{diffs[1]:+.1f}"] and cells[3] == f"{mean:+.1f} ± {sd:.1f}"
+    assert cells[-1] == f"{p.wins} of 2" + (f" ({p.ties} tied)" if p.ties else "")
     assert "Not paired: seed 2 (schedule=frozen failed)." in text and text.splitlines()[0] in capsys.readouterr().out
 
 
 def test_group_by_rows_metric_and_se(copy, capsys):
     res = results(copy)
-    rc = report.main([str(copy), "--out", str(copy / "r"), "--group-by", "schedule.name", "--rows", "wise_ft",
+    rc = main([str(copy), "--out", str(copy / "r"), "--group-by", "schedule.name", "--rows", "wise_ft",
                       "frozen", "--metric", "nll", "--se"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -261,7 +276,7 @@ def test_group_by_rows_metric_and_se(copy, capsys):
         assert "OOD mean (nll nats) se" in next(csv.reader(f))
     # one row shown: the figures without data for it are skipped with a note
     capsys.readouterr()
-    assert report.main([str(copy), "--out", str(copy / "f"), "--rows", "frozen"]) == 0
+    assert main([str(copy), "--out", str(copy / "f"), "--rows", "frozen"]) == 0
     assert "note: wise figure skipped: no run has a WiSE-FT curve" in capsys.readouterr().out
     assert (copy / "f" / "id_vs_ood.png").stat().st_size > 0 and not (copy / "f" / "wise.png").exists()
 
@@ -275,8 +290,8 @@ def test_no_results_and_unknown_labels_are_one_line_exit_2(copy, tmp_path):
     p = cli_report(copy, "--rows", "frozen", "gradual", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
     assert "'gradual'" in p.stderr and "schedule=frozen, schedule=wise_ft" in p.stderr
-    assert report.main([str(copy), "--compare", "wise_ft", "ful"]) == 2
-    assert report.main([str(copy), "--baselines", "nope"]) == 2
+    assert main([str(copy), "--compare", "wise_ft", "ful"]) == 2
+    assert main([str(copy), "--baselines", "nope"]) == 2
     assert not (copy / "table.md").exists()  # nothing written
 
 
@@ -305,7 +320,7 @@ def test_incompatible_runs_leave_the_largest_group_exit_1(copy, capsys):
     other_data.write_text(json.dumps(r))
     other_sets = edit(copy, "wise_ft", 1, metrics={k.replace("/printed/", "/handwritten/"): v
                                                    for k, v in res[("wise_ft", 1)]["metrics"].items()})
-    assert report.main([str(copy), "--no-figures"]) == 1
+    assert main([str(copy), "--no-figures"]) == 1
     err = capsys.readouterr().err
     assert f"{other_data}: incompatible with the 4 reported runs: data._target_ mydata.Other" in err
     assert f"{other_sets}: incompatible with the 4 reported runs: other evaluation sets (has handwritten; " \
@@ -323,11 +338,282 @@ def test_tune_keeps_per_row_the_value_best_on_id_validation(copy):
             edit(copy, s, seed, config={**r["config"], "optimizer": {**r["config"]["optimizer"], "lr": 0.1}},
                  overrides=[*r["overrides"], "optimizer.lr=0.1"],
                  selection={**r["selection"], "value": 1.0 if s == "frozen" else 0.0})
-    runs = report.tune(report.load([copy]), "optimizer.lr")
+    runs = report.tune(load([copy]), "optimizer.lr")
     assert sorted(runs.labels()) == ["schedule=frozen", "schedule=wise_ft"]
     assert runs.tuned["schedule=frozen"][1] == "0.1" and runs.tuned["schedule=wise_ft"][1] != "0.1"
     assert [r.seed for r in runs.row("schedule=frozen") if r.done] == [2]  # seeds 0, 1 of lr 0.1: gaps
     table = report.summarize(runs)
     assert "optimizer.lr chosen per row on ID validation" in table.caption and "schedule=frozen: 0.1" in table.caption
     with pytest.raises(report.ReportError, match="--tune nope.key: no run's config has this key"):
-        report.tune(report.load([copy]), "nope.key")
+        report.tune(load([copy]), "nope.key")
+
+
+# ------------------------------------------------------------------------------- inert overrides and --group-by
+
+def test_a_resumed_run_is_the_same_configuration_and_seed(copy):
+    """ckpt_path=last (and a logger or hydra override) added by a resume never makes a row of its own."""
+    r = results(copy)[("frozen", 1)]
+    edit(copy, "frozen", 1, overrides=[o for o in r["overrides"] if not o.startswith("logger=")]
+         + ["ckpt_path=last", "hydra.run.dir=/somewhere", "hydra/launcher=basic"])
+    for group_by in (None, ["schedule.name"]):
+        runs = load([copy], group_by=group_by)
+        table = report.summarize(runs)
+        assert len(table.rows) == 2 and all(row.n_text == "3" for row in table.rows), group_by
+        assert ": missing:" not in table.markdown()
+    runs = load([copy])
+    assert runs.labels() == ROWS
+    assert {"ckpt_path=last", "hydra.run.dir=/somewhere"} <= set(runs.inert)
+    assert "not row factors: " in report.summarize(runs).caption
+    assert report.inert("~logger") and report.inert("data.num_workers=4") and not report.inert("data.shift=x")
+
+
+def test_group_by_counts_runs_not_configurations(copy):
+    """A row merging configurations (--group-by) lacks a seed only when none of them ran it: the 3-of-6 bug."""
+    r = results(copy)[("frozen", 1)]
+    edit(copy, "frozen", 1, overrides=[*r["overrides"], "trainer.deterministic=true"])  # a real factor
+    by = {row.label: row for row in report.summarize(load([copy])).rows}
+    assert by["schedule=frozen"].n_text == "2 of 3" and by["schedule=frozen,trainer.deterministic=true"].n_text \
+        == "1 of 3"  # without --group-by: two configurations, each with its gaps
+    table = report.summarize(load([copy], group_by=["schedule.name"]))
+    by = {row.label: row for row in table.rows}
+    assert by["schedule.name=frozen"].n_text == "3" and ": missing:" not in table.markdown()
+    assert sorted(x.seed for x in by["schedule.name=frozen"].runs) == [0, 1, 2]
+    # a seed that no run of the row has is still a gap
+    shutil.rmtree(results(copy)[("frozen", 2)]["file"].parent)
+    table = report.summarize(load([copy], group_by=["schedule.name"]))
+    by = {row.label: row for row in table.rows}
+    assert by["schedule.name=frozen"].n_text == "2 of 3"
+    assert "schedule.name=frozen, seed 2: missing: no run of this seed" in table.markdown()
+
+
+# ------------------------------------------------------------------------------------------------ smoke runs
+
+def real(root: Path, schedule: str, seed: int) -> None:
+    """Make a smoke run look like a real one: no debug override, no trainer limits."""
+    r = results(root)[(schedule, seed)]
+    trainer = {**r["config"]["trainer"], **{k: None for k in report.SMOKE_LIMITS}}
+    edit(root, schedule, seed, config={**r["config"], "trainer": trainer, "debug": None},
+         overrides=[o for o in r["overrides"] if o != "debug=smoke"])
+
+
+def test_smoke_runs_are_left_out_unless_asked_for(copy, tmp_path):
+    p = cli_report(copy, "--no-figures", cwd=tmp_path, smoke=False)  # every run a smoke run: nothing to report
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "all 6 runs are smoke runs" in p.stderr
+    assert "--include-smoke" in p.stderr and not (copy / "table.md").exists()
+    for k in SEEDS:
+        real(copy, "frozen", k)
+        r = results(copy)[("wise_ft", k)]  # still a smoke run by its trainer limits alone
+        edit(copy, "wise_ft", k, overrides=[o for o in r["overrides"] if o != "debug=smoke"])
+    p = cli_report(copy, "--no-figures", cwd=tmp_path, smoke=False)
+    assert p.returncode == 0, p.stderr
+    assert f"warning: left out 3 smoke run(s) under {copy.resolve()}" in p.stderr
+    assert "trainer.limit_train_batches=2" in p.stderr  # the fallback: results.json has debug null
+    text = (copy / "table.md").read_text()
+    assert list(md_rows(text)) == ["all"] and md_rows(text)["all"][-1] == "3"
+    assert "left out 3 smoke run(s)" in text
+    # config.debug, as the training side records it, is enough on its own
+    r = results(copy)[("frozen", 0)]
+    edit(copy, "frozen", 0, config={**r["config"], "debug": "smoke"})
+    runs = report.load([copy])
+    assert len(runs.done) == 2 and sorted(x.smoke for x in runs.smoke)[0] == "debug=smoke"
+    assert len(report.load([copy], include_smoke=True).done) == 6
+    assert "Includes 4 smoke runs (not results)" in report.summarize(report.load([copy], include_smoke=True)).caption
+    # a full limit (float 1.0) is not a smoke run; an int 1 is one batch
+    assert report.smoke_reason({"trainer": {"limit_test_batches": 1.0}}) is None
+    assert report.smoke_reason({"trainer": {"limit_test_batches": 1}}) == "trainer.limit_test_batches=1"
+
+
+# ------------------------------------------------------------------------- effective robustness: per set, testbed
+
+def _lg(p):
+    return math.log(p / (1 - p))
+
+
+def _clip(p, n):
+    return min(max(p, 0.5 / n), 1 - 0.5 / n)
+
+
+def test_per_set_effective_robustness_matches_scipy_linregress(copy):
+    from scipy import stats
+
+    res = results(copy)
+    runs = load([copy])
+    sets = runs.ood_sets()
+    fit = report.effective_robustness(runs, baselines=["frozen", "wise_ft"], mode="per-set")
+    assert fit.ok and list(fit.lines) == sets
+    everyone = [res[(s, k)] for s in SCHEDULES for k in SEEDS]
+    xs = [_lg(_clip(r["metrics"]["test/id/acc"], r["counts"]["test/id"])) for r in everyone]
+    per_set = {}
+    for s in sets:
+        ys = [_lg(_clip(r["metrics"][f"test/ood/{s}/acc"], r["counts"][f"test/ood/{s}"])) for r in everyone]
+        lr = stats.linregress(xs, ys)
+        assert fit.lines[s] == (pytest.approx(lr.slope, rel=1e-9), pytest.approx(lr.intercept, rel=1e-9, abs=1e-12))
+        per_set[s] = [r["metrics"][f"test/ood/{s}/acc"] - 1 / (1 + math.exp(-(lr.slope * x + lr.intercept)))
+                      for r, x in zip(everyone, xs)]
+    table = report.summarize(runs, baselines=["frozen", "wise_ft"], er_fit="per-set")
+    assert [c.name for c in table.columns][-len(sets) - 1:] == [f"ER {s}" for s in sets] + ["eff. robustness"]
+    for i, row in enumerate(table.rows):
+        for s in sets:
+            assert row.cells[f"ER {s}"].values == pytest.approx([100 * e for e in per_set[s][3 * i:3 * i + 3]])
+        mean_er = [100 * statistics.fmean(per_set[s][j] for s in sets) for j in range(3 * i, 3 * i + 3)]
+        assert row.cells["eff. robustness"].values == pytest.approx(mean_er)
+    assert "fit: baseline rows, per OOD set" in table.caption and "a_s · logit(ID acc) + b_s" in table.caption
+    pair = report.paired(runs, "wise_ft", "frozen", f"er/{sets[0]}", baselines=["frozen", "wise_ft"])
+    assert pair.diffs == pytest.approx([100 * (per_set[sets[0]][3 + k] - per_set[sets[0]][k]) for k in SEEDS])
+    assert "fit: baseline rows, OOD mean" in report.summarize(runs).caption
+
+
+TESTBED = """# EXAMPLE: made-up accuracies, the format only
+model,id,printed,corrupt_s1,corrupt_s2,corrupt_s3,corrupt_s4,corrupt_s5,extra
+m1,0.50,0.40,0.45,0.42,0.38,0.33,0.30,9
+m2,0.70,0.55,0.62,0.58,0.50,0.44,0.41,9
+m3,0.85,0.71,0.80,0.74,0.66,0.57,0.52,9
+m4,0.93,0.80,0.90,0.85,0.77,0.70,0.61,9
+"""
+
+
+def test_testbed_fit_matches_scipy_linregress(copy, tmp_path):
+    from scipy import stats
+
+    bed = tmp_path / "testbed.csv"
+    bed.write_text(TESTBED)
+    res = results(copy)
+    runs = load([copy])
+    sets = runs.ood_sets()
+    rows = [dict(zip(TESTBED.splitlines()[1].split(","), ln.split(","))) for ln in TESTBED.splitlines()[2:]]
+    r0 = res[("frozen", 0)]
+    n_id, n_ood = r0["counts"]["test/id"], sum(v for k, v in r0["counts"].items() if k.startswith("test/ood/"))
+    xs = [_lg(_clip(float(m["id"]), n_id)) for m in rows]
+    ys = [_lg(_clip(statistics.fmean(float(m[s]) for s in sets), n_ood)) for m in rows]
+    lr = stats.linregress(xs, ys)
+    fit = report.effective_robustness(runs, testbed=bed)
+    assert (fit.a, fit.b) == (pytest.approx(lr.slope, rel=1e-9), pytest.approx(lr.intercept, rel=1e-9))
+    r = res[("wise_ft", 1)]
+    run = next(x for x in runs.runs if x.seed == 1 and x.label == "schedule=wise_ft")
+    hand = r["metrics"]["test/ood/mean/acc"] - 1 / (1 + math.exp(-(lr.slope * _lg(
+        _clip(r["metrics"]["test/id/acc"], n_id)) + lr.intercept)))
+    assert fit.per_run[run] == pytest.approx(hand, rel=1e-9)
+    pfit = report.effective_robustness(runs, testbed=bed, mode="per-set")
+    for s in sets:
+        lr_s = stats.linregress(xs, [_lg(_clip(float(m[s]), r0["counts"][f"test/ood/{s}"])) for m in rows])
+        assert pfit.lines[s] == (pytest.approx(lr_s.slope, rel=1e-9), pytest.approx(lr_s.intercept, rel=1e-9))
+    # the CLI: the caption names the fit
+    assert main([str(copy), "--no-figures", "--testbed", str(bed), "--er-fit", "per-set"]) == 0
+    text = (copy / "table.md").read_text()
+    assert "fit: testbed file, per OOD set" in text and "the 4 models of the testbed testbed.csv" in text
+    assert main([str(copy), "--out", str(tmp_path / "fig"), "--testbed", str(bed)]) == 0
+    assert (tmp_path / "fig" / "id_vs_ood.png").stat().st_size > 0
+
+
+def test_bad_testbeds_are_one_line_exit_2(copy, tmp_path):
+    bed = tmp_path / "bed.csv"
+    for text, why in ((TESTBED.replace(",corrupt_s5,", ",other,"), "no column 'corrupt_s5'"),
+                      (TESTBED.replace("0.85,", "85,", 1), "model 'm3': id='85' is not an accuracy in [0, 1]"),
+                      ("model,id\n", "no rows")):
+        bed.write_text(text)
+        p = cli_report(copy, "--no-figures", "--testbed", bed, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and why in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and not (copy / "table.md").exists()
+    bed.write_text(TESTBED)
+    p = cli_report(copy, "--testbed", bed, "--baselines", "frozen", cwd=tmp_path)
+    assert p.returncode == 2 and "give one" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------- paper-ready tables
+
+def set_metrics(root: Path, values: dict) -> None:
+    """Per (schedule, seed): ID acc, one accuracy for every OOD set (and their mean), ID ECE."""
+    for (s, k), r in results(root).items():
+        idacc, ood, ece = values[(s, k)]
+        m = dict(r["metrics"])
+        for key in m:
+            if key.startswith("test/ood/") and key.endswith("/acc"):
+                m[key] = ood
+        m |= {"test/id/acc": idacc, "test/id/ece": ece}
+        edit(root, s, k, metrics=m)
+
+
+VALUES = {("frozen", 0): (0.50, 0.60, 0.10), ("frozen", 1): (0.52, 0.61, 0.10), ("frozen", 2): (0.54, 0.62, 0.10),
+          ("wise_ft", 0): (0.485, 0.30, 0.05), ("wise_ft", 1): (0.505, 0.30, 0.05), ("wise_ft", 2): (0.525, 0.30, 0.05)}
+
+
+def test_best_cells_bold_with_ties_names_and_minus_signs(copy, tmp_path):
+    set_metrics(copy, VALUES)
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("wise_ft: 'WiSE-FT (α = 0.5)'\n")
+    out = tmp_path / "r"
+    assert main([str(copy), "--out", str(out), "--no-figures", "--baselines", "frozen", "--labels", str(labels),
+                 "--label", 'schedule=frozen="Linear probe"', "--compare", "wise_ft", "frozen"]) == 0
+    text = (out / "table.md").read_text()
+    rows = md_rows(text, bold=True)
+    assert list(rows) == ["Linear probe", "WiSE-FT (α = 0.5)"]
+    lp, wise = rows["Linear probe"], rows["WiSE-FT (α = 0.5)"]
+    # ID: 52.0 ± 2.0 is best, 50.5 lies within its std: both bold (a tie)
+    assert lp[0] == "**52.0 ± 2.0**" and wise[0] == "**50.5 ± 2.0**"
+    # OOD: clearly better, alone in bold; ECE: lower is better
+    assert lp[1] == "**61.0 ± 1.0**" and wise[1] == "30.0 ± 0.0"
+    ece = [c.name for c in report.summarize(load([copy])).columns].index("ECE ID")
+    assert wise[ece] == "**5.0 ± 0.0**" and lp[ece] == "10.0 ± 0.0"
+    assert wise[-2].startswith("-") and not wise[-2].startswith("**")  # ER far below the line
+    # with --se the tolerance is the s.e. (2/√3 = 1.15): 50.5 is no longer a tie
+    assert main([str(copy), "--out", str(out), "--no-figures", "--baselines", "frozen", "--se"]) == 0
+    rows = md_rows((out / "table.md").read_text(), bold=True)
+    assert rows["schedule=frozen"][0].startswith("**52.0") and not rows["schedule=wise_ft"][0].startswith("**")
+    # LaTeX: the names, bold cells, and typographic minus signs only
+    assert main([str(copy), "--out", str(out), "--no-figures", "--baselines", "frozen", "--labels",
+                 str(labels)]) == 0
+    tex = (out / "table.tex").read_text()
+    body = tex[tex.index(r"\begin{tabular}"):tex.index(r"\end{tabular}")]
+    assert r"WiSE-FT ($\alpha$ = 0.5) &" in body and r"\textbf{52.0} & \textbf{2.0}" in body
+    assert r"\textbf{50.5} & \textbf{2.0}" in body and r"\textminus{}" in body
+    assert re.search(r"(?<![\w{])-\d", body) is None  # no hyphen as a minus sign
+    # the paired file names the rows by their names
+    paired_md = (tmp_path / "r" / "paired_wise_ft_vs_frozen.md").read_text()
+    assert paired_md.startswith("# Paired comparison: WiSE-FT (α = 0.5) vs Linear probe")
+    # an unknown row in --label is bad input
+    assert main([str(copy), "--no-figures", "--label", "gradual=Gradual"]) == 2
+    assert main([str(copy), "--no-figures", "--label", "no-equals-sign"]) == 2
+
+
+def test_paired_confidence_interval_and_t_test_match_scipy(copy, capsys):
+    from scipy import stats
+
+    res = results(copy)
+    runs = load([copy])
+    p = report.paired(runs, "wise_ft", "frozen", "test/ood/printed/acc")
+    a = [100 * res[("wise_ft", k)]["metrics"]["test/ood/printed/acc"] for k in SEEDS]
+    b = [100 * res[("frozen", k)]["metrics"]["test/ood/printed/acc"] for k in SEEDS]
+    if len({x - y for x, y in zip(a, b)}) == 1:  # identical differences: no t-test; make them differ
+        set_metrics(copy, VALUES)
+        res, runs = results(copy), load([copy])
+        p = report.paired(runs, "wise_ft", "frozen", "test/ood/printed/acc")
+        a = [100 * res[("wise_ft", k)]["metrics"]["test/ood/printed/acc"] for k in SEEDS]
+        b = [100 * res[("frozen", k)]["metrics"]["test/ood/printed/acc"] for k in SEEDS]
+    d = [x - y for x, y in zip(a, b)]
+    assert p.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=statistics.mean(d), scale=stats.sem(d))
+    assert p.ci95 == (pytest.approx(lo, rel=1e-9), pytest.approx(hi, rel=1e-9))
+    assert p.se == pytest.approx(stats.sem(d), rel=1e-9)
+    # the file: mean ± s.e. with --se, the CI and the p-value, and the test named in the caption
+    assert main([str(copy), "--no-figures", "--se", "--compare", "wise_ft", "frozen"]) == 0
+    text = (copy / "paired_wise_ft_vs_frozen.md").read_text()
+    assert "| mean ± s.e. | 95% CI | p (paired t) |" in text and "two-sided paired t-test" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| OOD printed |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    pv = stats.ttest_rel(a, b).pvalue
+    assert cells[4:7] == [f"{statistics.mean(d):+.1f} ± {stats.sem(d):.1f}", f"[{lo:+.1f}, {hi:+.1f}]",
+                          "< 0.001" if pv < 0.001 else f"{pv:.3f}"]
+
+
+def test_se_is_honoured_in_the_wise_table_and_figures(copy):
+    res = results(copy)
+    assert main([str(copy), "--se", "--rows", "wise_ft", "--out", str(copy / "se")]) == 0
+    wise = (copy / "se" / "wise_schedule=wise_ft.md").read_text()
+    assert "mean ± s.e. over 3 seeds" in wise
+    line = next(ln for ln in wise.splitlines() if ln.startswith("| 0.5 |"))
+    vals = [100 * next(p for p in res[("wise_ft", k)]["wise"] if p["alpha"] == 0.5)["metrics"]
+            ["test/wise/0.5/ood/printed/acc"] for k in SEEDS]
+    assert line.split("|")[3].strip().startswith(f"{statistics.mean(vals):.1f} ± "
+                                                 f"{statistics.stdev(vals) / math.sqrt(3):.1f}")
+    figs = report.figures(load([copy]), se=True)
+    assert "s.e." in figs.figures["id_vs_ood"].axes[0].get_title()

@@ -155,8 +155,8 @@ def test_fine_tune_clears_optimizer_state_when_it_unfreezes(run, monkeypatch):
     lrs = probe.first_step[2][1]
     names = list(lrs)
     # one-cycle starts at max/div (div=5); max = base_lr/2 spread from /lr_mult (stem) to x1 (head)
-    assert lrs["head"] == pytest.approx(1e-3 / 2 / 5)
-    assert lrs[names[0]] == pytest.approx(1e-3 / 2 / 100 / 5)
+    assert lrs["head"] == pytest.approx(2e-3 / 2 / 5)  # fastai's base lr 2e-3 (conf/schedule/fine_tune.yaml)
+    assert lrs[names[0]] == pytest.approx(2e-3 / 2 / 100 / 5)
 
 
 def test_forgetting_is_measured_with_the_source_head(run):

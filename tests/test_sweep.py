@@ -43,8 +43,13 @@ def test_failures_are_listed_and_a_relaunch_skips_done_jobs(tmp_path, cache_dir)
     (sweep / done[0] / "done").unlink()
     started = {n: j["started"] for n, j in jobs.items()}
     mtime = (sweep / done[1] / "results.json").stat().st_mtime_ns
-    again = cli(*args, cwd=tmp_path, cache=cache_dir)
+    dirs = sorted(sweep.iterdir())
+    # relaunched with ckpt_path=last (how a cluster sweep is launched): how a job resumes is not part of its
+    # name, so the relaunch finds the same directories, and its results record the same overrides
+    again = cli(*args, "ckpt_path=last", cwd=tmp_path, cache=cache_dir)
     assert again.returncode == 1
+    assert sorted(sweep.iterdir()) == dirs
+    assert _jobs(sweep)[done[0]]["overrides"] == jobs[done[0]]["overrides"]
     assert f"skipping {done[1]}: done" in again.stderr
     assert (sweep / done[1] / "results.json").stat().st_mtime_ns == mtime
     assert (sweep / done[0] / "done").exists()

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from conftest import Killed, KillAfter, add_callbacks
 from wandb_log import records, summary_and_history
 
 
@@ -18,12 +19,7 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     assert os.environ.get("WANDB_MODE") is None, "offline mode must not leak into later jobs"
     files = list((r["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    # wandb's service writes the file behind wandb.finish(); `wandb sync` reads it after the job: wait for the
-    # run's exit record as sync would
-    deadline = time.time() + 60
-    while "exit" not in {rec.WhichOneof("record_type") for rec in records(files[0])} and time.time() < deadline:
-        time.sleep(0.5)
-    summary, history, config, group = summary_and_history(files[0])
+    summary, history, config, group = _finished_records(files[0])
     for key in ("test/id/acc", "test/ood/printed/acc", "test/ood/corrupt_s5/acc", "test/ood/mean/acc"):
         assert summary[key] == pytest.approx(r["metrics"][key], abs=1e-6), key
     logged = {k for row in history for k in row}
@@ -34,14 +30,38 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     assert config["schedule"]["name"] == "lp_ft" and group == "single"
 
 
-def test_resumed_run_continues_the_same_wandb_run(run, monkeypatch):
-    """ckpt_path=last (e.g. a preempted SLURM job requeued): the W&B run id of the run directory is reused."""
+def _finished_records(path):
+    """wandb's service writes the file behind wandb.finish(): wait for the run's exit record, as sync would."""
+    deadline = time.time() + 60
+    while "exit" not in {rec.WhichOneof("record_type") for rec in records(path)} and time.time() < deadline:
+        time.sleep(0.5)
+    return summary_and_history(path)
+
+
+def test_resumed_run_continues_the_same_wandb_run_and_its_steps(run, monkeypatch):
+    """A run killed after its second epoch, resumed with ckpt_path=last (e.g. a preempted SLURM job requeued):
+    one W&B run id across both processes, and the history continues. wandb 0.31 cannot resume an offline run
+    in its own directory, so the resume writes a second offline-run-* directory; the user's report: its
+    `_step` restarted at 0 (first segment 0-17, resumed 0-9), so syncing one replaced the other. Now the
+    resumed segment's steps follow the first segment's last one."""
     for var in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", os.devnull)
-    first = run("logger=wandb", "schedule=frozen", "trainer.max_epochs=1", name="job")
-    again = run("logger=wandb", "schedule=frozen", "trainer.max_epochs=2", "ckpt_path=last", name="job")
-    assert again["status"] == "done" and again["trace"][-1]["epoch"] == 1
-    ids = {f.stem for f in (first["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb")}
-    assert len(list((first["run_dir"] / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+    overrides = ("logger=wandb", "schedule=gradual", "schedule.interval=1", "trainer.max_epochs=4")
+    with monkeypatch.context() as m:
+        add_callbacks(m, KillAfter(1))
+        with pytest.raises(Killed):
+            run(*overrides, name="job")
+    resumed = run(*overrides, "ckpt_path=last", name="job")
+    assert resumed["status"] == "done" and resumed["resumed"][0]["from_epoch"] == 2
+    segments = sorted((resumed["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))  # by start time
+    assert len(segments) == 2 and len({f.stem for f in segments}) == 1, segments
+    (_, first, _, _), (summary, second, _, _) = (_finished_records(f) for f in segments)
+    steps = [row["_step"] for row in first + second]
+    assert steps == list(range(len(steps))), steps  # one history: every step once, in order
+    assert len(first) > 0 and len(second) > 0
+    # Lightning's own step rides along: the resumed segment starts at the checkpoint's global step, 2 epochs
+    # of 2 training batches (debug=smoke)
+    assert min(r["trainer/global_step"] for r in second if "trainer/global_step" in r) == 2 * 2
+    assert summary["test/id/acc"] == pytest.approx(resumed["metrics"]["test/id/acc"], abs=1e-6)

@@ -265,3 +265,36 @@ def _common_prefix(params: list[str]) -> str:
             break
         prefix.append(level[0])
     return ".".join(prefix)
+
+
+def layer_decay_scales(model: nn.Module, decay: float) -> tuple[dict[str, float], float]:
+    """timm's layer-wise lr decay (`timm.optim.param_groups_layer_decay`, after BEiT), for every parameter:
+    ({backbone parameter name: lr scale}, the scale of a new head).
+
+    As timm: layer ids from `group_matcher(coarse=False)` (fine, whatever backbone.coarse_groups says: freezing
+    granularity is not lr granularity), scale = decay ** (top id - id), computed on all parameters (timm skips
+    those with requires_grad=False, which would shift the ids of a model frozen when it is called). thawlab's
+    backbone has no classifier (num_classes=0), and timm gives the classifier the top id, shared with whatever
+    else its matcher leaves unmatched after the last block (ConvNeXt's head.norm, ViT's fc_norm): so the ids
+    are computed with the classifier's names (pretrained_cfg["classifier"]) added, and thawlab's head takes
+    the classifier's scale. A model without a group_matcher: timm's own fallback (`auto_group_layers`) on it.
+    """
+    from timm.models._manipulate import group_with_matcher
+
+    names = [n for n, _ in model.named_parameters()]
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    head_names = [f"{c}.weight" for c in ((classifier,) if isinstance(classifier, str) else classifier)]
+    try:
+        matcher = model.group_matcher(coarse=False)
+    except (AttributeError, NotImplementedError):
+        matcher = None
+    if matcher is not None:
+        layer = group_with_matcher(((n, None) for n in names + head_names), matcher, reverse=True)
+    else:
+        from timm.optim._param_groups import auto_group_layers
+
+        layer = auto_group_layers(model)
+        layer.update({n: max(layer.values(), default=0) + 1 for n in head_names})
+    top = max(layer.values())
+    scale = {n: decay ** (top - layer.get(n, top)) for n in names}
+    return scale, decay ** (top - layer[head_names[0]])

@@ -136,6 +136,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ThawlabError(f"trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r} is not one "
                            f"of norm, value")
     stopping.check(cfg.get("early_stopping"))
+    o = cfg.optimizer
+    if not 0 < o.cut_frac < 1 or o.ratio < 1:
+        raise ThawlabError(f"optimizer.cut_frac={o.cut_frac} must be in (0, 1) and optimizer.ratio={o.ratio} >= 1")
+    if o.get("moms") is not None and len(o.moms) != 3:
+        raise ThawlabError(f"optimizer.moms={list(o.moms)} must be 3 values (start, middle, end) or null")
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
         raise ThawlabError("schedule.train_head=false leaves a new, random head untrained: set head.pretrained=true")
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),

@@ -221,18 +221,28 @@ class OptimizerConfig:
     weight_decay: float = num(0.0, "[0, inf)")
     no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = num(0.9, "[0, 1)")  # sgd only
-    layer_decay: float = num(1.0, "(0, 1]")  # in (0, 1]: group lr x layer_decay ** (groups between it and the head)
+    # adamw only (fastai's Adam: 0.9, 0.99)
+    betas: list[float] = num(spec="[0, 1)", factory=lambda: [0.9, 0.999])
+    eps: float = num(1e-8, "(0, inf)")  # adamw only (fastai's Adam: 1e-5)
+    # in (0, 1]: timm's layer-wise lr decay, per parameter: lr x layer_decay ** (timm layer ids between its layer
+    # and the classifier's), layer ids from group_matcher(coarse=False) whatever backbone.coarse_groups says
+    layer_decay: float = num(1.0, "(0, 1]")
     # lr shape within each phase: cosine | constant | step | stlr (ULMFiT) | one_cycle (fastai); a phase may set
     # its own
     schedule: str = "cosine"
-    warmup_epochs: float = num(0.0, "[0, inf)")  # cosine, constant and step: linear warm-up at the start of each phase
-    milestones: list[float] = num(spec="[0, 1]", factory=lambda: [0.5])  # step: fractions of the phase where lr drops
+    # cosine, constant and step: linear warm-up at the start of each phase
+    warmup_epochs: float = num(0.0, "[0, inf)")
+    # step: fractions of the phase where lr drops
+    milestones: list[float] = num(spec="[0, 1]", factory=lambda: [0.5])
     gamma: float = num(0.1, "(0, inf)")  # step: lr x gamma at each milestone
     cut_frac: float = num(0.1, "(0, 1)")  # stlr: fraction of the phase's steps spent increasing the lr
     ratio: float = num(32.0, "[1, inf)")  # stlr: how much smaller the lowest lr is than the maximum
     pct_start: float = num(0.25, "(0, 1)")  # one_cycle: fraction of the phase's steps spent increasing the lr
     div: float = num(25.0, "[1, inf)")  # one_cycle: initial lr = max / div
     div_final: float = num(1e5, "[1, inf)")  # one_cycle: final lr = max / div_final
+    # one_cycle: cycle Adam's beta1 (SGD's momentum) cosine from moms[0] to moms[1] over pct_start, back to
+    # moms[2] (fastai: 0.95, 0.85, 0.95); null: keep betas[0] / momentum
+    moms: Optional[list[float]] = num(None, "[0, 1)", "null: keep betas[0] / momentum")
 
 
 @dataclass
@@ -282,6 +292,9 @@ class FineTuneConfig(ScheduleConfig):
     lr_mult: float = num(100.0, "(0, inf)")  # then lrs spread from lr / lr_mult (stem) to lr (head), halved
     pct_start: float = num(0.3, "(0, 1)")  # one-cycle of the second phase
     div: float = num(5.0, "[1, inf)")
+    # fastai: lr / lr_mult for the whole body, lr for the head (vision_learner's 2 groups for a timm model);
+    # blocks: spread log-evenly over thawlab's block groups, lr / lr_mult (stem) to lr (head)
+    spread: str = "fastai"
 
 
 @dataclass

@@ -4,12 +4,19 @@ W&B: one run per job, group and name from the sweep and the overrides, the resol
 Without credentials it logs offline into the run directory and says how to upload (`wandb sync`; in a sweep,
 once for all its jobs, at the end: thawlab.sweep). The mode
 goes to this run's wandb.init only: Lightning's `offline=True` would set WANDB_MODE for the whole process.
+
+A resumed run continues the same W&B run id, and its history continues too: thawlab gives every log call an
+explicit W&B step, and `<run>/wandb/next-step` remembers the next one (written before each log call: a killed
+run leaves at worst a gap, never two rows with one step). W&B cannot resume an offline run in its directory
+(wandb 0.31 writes a new `offline-run-*` directory per process), so an offline run resumed k times has k + 1
+segments with the same id and disjoint, increasing steps; `wandb sync` uploads them in order of start time.
 """
 from __future__ import annotations
 
 import netrc
 import os
 import sys
+from pathlib import Path
 
 
 def _wandb_credentials() -> bool:
@@ -21,10 +28,18 @@ def _wandb_credentials() -> bool:
         return False
 
 
+NEXT_STEP = "next-step"  # in <save_dir>/wandb: the W&B step a resumed run logs next
+
+
+def next_wandb_step(save_dir: str) -> int:
+    try:
+        return int(Path(save_dir, "wandb", NEXT_STEP).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def previous_wandb_id(save_dir: str) -> str | None:
     """The id of the latest W&B run in a run directory (online or offline), for a resumed run to continue."""
-    from pathlib import Path
-
     runs = sorted(Path(save_dir, "wandb").glob("*run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
     return runs[-1].stem[len("run-"):] if runs else None
 
@@ -42,11 +57,41 @@ def wandb_logger(save_dir: str, name: str, group: str, run_config: dict, project
                   f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
     kwargs = {"mode": mode} if mode else {}
     run_id = previous_wandb_id(save_dir) if resume else None
+    first_step = 0
     if run_id:
+        first_step = next_wandb_step(save_dir)
         kwargs.update(id=run_id, resume="allow")
-        print(f"W&B: resuming run {run_id}", file=sys.stderr)
-    return WandbLogger(project=project, entity=entity, save_dir=save_dir, name=name, group=group,
-                       job_type=job_type, config=run_config, **kwargs)
+        print(f"W&B: resuming run {run_id} at step {first_step}", file=sys.stderr)
+
+    class StepsContinued(WandbLogger):
+        """Lightning's WandbLogger, every log call at an explicit W&B step that continues across resumes."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.next_step, self.started = first_step, False
+
+        def log_metrics(self, metrics, step=None):
+            from lightning.fabric.utilities.logger import _add_prefix
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+            if rank_zero_only.rank != 0:
+                return
+            metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+            if step is not None:
+                metrics = {**metrics, "trainer/global_step": step}
+            if not self.started:  # online, a resumed run's step comes from the server: never log below it
+                self.next_step, self.started = max(self.next_step, self.experiment.step), True
+            wandb_step = self.next_step
+            self.next_step = wandb_step + 1
+            record = Path(self.save_dir, "wandb", NEXT_STEP)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{NEXT_STEP}.tmp")
+            tmp.write_text(f"{self.next_step}\n")
+            os.replace(tmp, record)
+            self.experiment.log(metrics, step=wandb_step)
+
+    return StepsContinued(project=project, entity=entity, save_dir=save_dir, name=name, group=group,
+                          job_type=job_type, config=run_config, **kwargs)
 
 
 def csv_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab",

@@ -59,6 +59,16 @@ class ThawNet(nn.Module):
         return {n for n, p in self.named_parameters()
                 if p.ndim <= 1 or n.endswith(".bias") or n in named or ".parametrizations." in n}
 
+    def layer_decay_scales(self, decay: float) -> dict[str, float]:
+        """Parameter name -> timm's layer-decay lr scale (thawlab.backbone.layer_decay_scales; 1.0 at decay 1)."""
+        if decay == 1.0:
+            return {n: 1.0 for n, _ in self.named_parameters()}
+        from thawlab.backbone import layer_decay_scales
+
+        body, head = layer_decay_scales(self.backbone, decay)
+        return {n: body[n.removeprefix("backbone.")] if n.startswith("backbone.") else head
+                for n, _ in self.named_parameters()}
+
     def features(self, x):
         if self.backbone_frozen:
             with torch.no_grad():  # nothing in the backbone trains: build no graph, keep no activations

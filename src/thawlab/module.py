@@ -30,7 +30,7 @@ from torch import nn
 
 from thawlab.metrics import eval_metrics, ood_mean, restrict
 from thawlab.model import ThawNet
-from thawlab.schedules import Phase, lr_factor, phase_at
+from thawlab.schedules import Phase, lr_factor, momentum_at, phase_at
 
 # The per-set values logged at the end of an evaluation epoch come from torchmetrics objects that have already
 # gathered every rank's state: they are the same on every rank, and Lightning's advice to sync them again would
@@ -38,15 +38,45 @@ from thawlab.schedules import Phase, lr_factor, phase_at
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
 
 # optimizer.* keys of the lr shapes
-SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final", "milestones", "gamma")
+SHAPE_KEYS = ("warmup_epochs", "cut_frac", "ratio", "pct_start", "div", "div_final", "milestones", "gamma", "moms")
 
 
 # optimizer.name -> constructor over the named parameter groups
 OPTIMIZERS = {
-    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"]),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"],
+                                                 betas=tuple(c.get("betas", (0.9, 0.999))), eps=c.get("eps", 1e-8)),
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
                                              weight_decay=c["weight_decay"]),
 }
+
+
+def _scaled(scale: float, factor, step: int) -> float:
+    return scale * factor(step)
+
+
+class PhaseScheduler(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR (one lr function per named group) that also sets each step's momentum: Adam's beta1 or SGD's
+    momentum, which fastai's one-cycle cycles against the lr (schedules.momentum_at)."""
+
+    def __init__(self, optimizer, lr_lambdas, momentum):
+        self.momentum = momentum
+        self.base_momentum = [g["betas"][0] if "betas" in g else g.get("momentum", 0.0)
+                              for g in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambdas)
+
+    def step(self, epoch=None):
+        super().step(epoch)
+        for g, base in zip(self.optimizer.param_groups, self.base_momentum):
+            m = self.momentum(self.last_epoch, default=base)
+            if "betas" in g:
+                g["betas"] = (m, g["betas"][1])
+            elif "momentum" in g:
+                g["momentum"] = m
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.pop("momentum", None)  # a function of the step: rebuilt, never saved
+        return state
 
 
 def make_mixup(reg: dict, num_classes: int):
@@ -124,6 +154,8 @@ class FineTuner(L.LightningModule):
         self._ddp_trainable: frozenset[str] | None = None  # what the current DDP wrapper all-reduces
         self.rank_report: dict | None = None  # DDP: each rank's pid, seed and weights at the end of fit
         self.trace: list[dict] = []
+        # the run's experiment-defining config (a resume must match it) and its overrides, W&B name and group
+        self.identity: dict | None = None
         self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
@@ -156,7 +188,9 @@ class FineTuner(L.LightningModule):
             self.cache.clear()
         if self.keep_probe_weights and self.current_epoch == self.phases[0].epochs:
             self.theta0 = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        lrs: dict[str, float] = {}  # a block group's lr: that of its top layer (the highest, under layer_decay)
+        for g in optimizer.param_groups:
+            lrs[g["name"]] = max(lrs.get(g["name"], 0.0), g["lr"])
         entry = {"epoch": self.current_epoch, "phase": phase.name, "trainable_groups": list(phase.trainable),
                  "trainable_params": self.net.trainable_parameter_count(), "lr": lrs}
         self.trace = [t for t in self.trace if t["epoch"] < self.current_epoch] + [entry]
@@ -252,26 +286,33 @@ class FineTuner(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.opt_cfg
-        groups = []
         exempt = self.net.no_decay() if c["weight_decay"] and c.get("no_decay_exemptions", True) else set()
+        scales = self.net.layer_decay_scales(c.get("layer_decay", 1.0))
         names = {id(p): n for n, p in self.net.named_parameters()}
+        groups = []
         for g, ps in self.net.named_group_parameters().items():
-            # a block group's exempt parameters get an optimizer group of their own, under the same name: the
-            # phase's lr multiplier applies to both, only weight decay differs
-            decay = [p for p in ps if names[id(p)] not in exempt]
-            groups.append({"params": decay, "name": g})
-            if len(decay) < len(ps):
-                groups.append({"params": [p for p in ps if names[id(p)] in exempt], "name": g, "weight_decay": 0.0})
+            # one optimizer group per (block group, weight decay or not, layer-decay scale), all named after the
+            # block group: the phase's lr multiplier applies to all of them; weight decay and timm's per-parameter
+            # layer-decay scale differ. Forward order within a name: the last is the group's top layer.
+            parts: dict[tuple[bool, float], list] = {}
+            for p in ps:
+                parts.setdefault((names[id(p)] in exempt, scales[names[id(p)]]), []).append(p)
+            for (no_decay, scale), params in sorted(parts.items()):
+                groups.append({"params": params, "name": g, "layer_decay_scale": scale,
+                               **({"weight_decay": 0.0} if no_decay else {})})
         opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
-        shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
-        lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch,
-                                     shape=shape) for g in groups]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        shape = {"name": c["schedule"], **{k: c.get(k) for k in SHAPE_KEYS}}
+        lambdas = [functools.partial(_scaled, g["layer_decay_scale"], functools.partial(
+            lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape)) for g in groups]
+        momentum = functools.partial(momentum_at, self.phases, steps_per_epoch=steps_per_epoch, shape=shape)
+        sched = PhaseScheduler(opt, lambdas, momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
+        if self.identity is not None:
+            checkpoint["thawlab_identity"] = self.identity
         checkpoint["thawlab_plan"] = {"epochs": [p.epochs for p in self.phases], "stopped": self.stopped}
         # dropout, drop-path (torch), augmentations (torch, python: timm RandAugment), Mixup (numpy): a resumed
         # run continues exactly (loader worker processes aside: they are seeded afresh)

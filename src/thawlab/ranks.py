@@ -229,11 +229,13 @@ def rank_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec["job"]["run_dir"])
     try:
+        from thawlab.resume import interruptible
         from thawlab.train import run
 
         cfg = OmegaConf.create(spec["config"])
         OmegaConf.set_struct(cfg, True)
-        run(cfg, spec["job"])
+        with interruptible():  # the supervisor's SIGTERM: rank 0 records the interruption like a single run
+            run(cfg, spec["job"])
     except BaseException as e:  # noqa: BLE001
         message = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
         (run_dir / "ranks" / f"rank{rank}.error").write_text(message + "\n\n" + traceback.format_exc())

@@ -1,7 +1,9 @@
 """The results contract: one results.json per run, written atomically, and a `done` marker written last.
 
 A run that fails writes results.json with "status": "failed" and its error, and no `done` marker, so a
-failed or interrupted run never looks finished. `read_results` is what reports use.
+failed or interrupted run never looks finished. A finished run is never written again: a record refuses to
+start in a directory with a `done` marker, and a run that finished keeps its results even if an error or a
+signal reaches it afterwards. `read_results` is what reports use.
 """
 from __future__ import annotations
 
@@ -57,9 +59,14 @@ class RunRecord:
         """write=False: keep the record in memory only (DDP ranks other than 0)."""
         self.run_dir, self.write = Path(run_dir), write
         if write:
+            if (self.run_dir / DONE).exists():
+                from thawlab.errors import ThawlabError
+
+                raise ThawlabError(f"{self.run_dir} already finished ({DONE} marker): its results are kept")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / DONE).unlink(missing_ok=True)  # a rerun in the same directory is not done yet
-        self.payload = {"status": "running", "metrics": {}, "counts": {}, "selection": None, "config": config,
+        # debug: the debug preset (smoke) or null; reports leave smoke runs out
+        self.payload = {"status": "running", "debug": config.get("debug"), "metrics": {}, "counts": {},
+                        "selection": None, "config": config,
                         "overrides": list(overrides or []), "versions": versions(), "seed": seed,
                         "git": git_state(), "trace": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -71,7 +78,12 @@ class RunRecord:
         (self.run_dir / DONE).write_text(self.payload["finished"] + "\n")
 
     def fail(self, error: BaseException, **fields) -> None:
-        self.payload.update(fields, status="failed", error=f"{type(error).__name__}: {error}",
+        from thawlab.resume import Interrupted
+
+        if self.payload["status"] == "done":  # finished before the error (or signal) came: keep the result
+            return
+        message = str(error) if isinstance(error, Interrupted) else f"{type(error).__name__}: {error}"
+        self.payload.update(fields, status="failed", error=message,
                             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if self.write:
             atomic_write_json(self.run_dir / RESULTS, self.payload)

@@ -127,15 +127,22 @@ def reft(groups, epochs, s):
     return [Phase("reft", epochs, tuple(g for g in groups if g in chosen or g == "head"), params=INTERVENTIONS)]
 
 
+SPREADS = ("fastai", "blocks")
+
+
 def fine_tune(groups, epochs, s):
     """fastai's `fine_tune`: one-cycle on the head for freeze_epochs at the base lr; then, optimizer state
-    cleared, one-cycle on everything at half the base lr, spread over the groups from lr/lr_mult (stem) to lr
-    (head), log-evenly as fastai's `even_mults`."""
+    cleared, one-cycle on everything at half the base lr, `slice(lr / lr_mult, lr)` spread over the groups by
+    fastai's `even_mults`. spread=fastai: over fastai's split of a timm model (`vision_learner`'s
+    `default_split`: body, head), so every block group gets lr/lr_mult and the head lr; spread=blocks: over
+    thawlab's block groups, log-evenly from lr/lr_mult (stem) to lr (head)."""
     if not 0 < s.freeze_epochs < epochs:
         raise ThawlabError(f"schedule.freeze_epochs={s.freeze_epochs} must leave both phases an epoch of "
                            f"the {epochs}")
-    n = len(groups)
-    spread = {g: 0.5 * (1 / s.lr_mult) ** (1 - i / (n - 1)) for i, g in enumerate(groups)}
+    # fastai's even_mults(start, stop, n) over the groups it splits the model into (spread: checked in check())
+    split = [_body(groups), ["head"]] if s.get("spread", "fastai") == "fastai" else [[g] for g in groups]
+    n = len(split)
+    spread = {g: 0.5 * (1 / s.lr_mult) ** (1 - i / (n - 1)) for i, part in enumerate(split) for g in part}
     return [Phase("frozen", s.freeze_epochs, ("head",), {"head": 1.0},
                   shape={"name": "one_cycle", "pct_start": 0.99, "div": 25.0}),
             Phase("unfrozen", epochs - s.freeze_epochs, tuple(groups), spread,
@@ -164,6 +171,8 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
     for alpha in schedule_cfg.get("alphas") or []:
         if not 0 <= alpha <= 1:
             raise ThawlabError(f"schedule.alphas: {alpha} is outside [0, 1]")
+    if schedule_cfg.get("spread", "fastai") not in SPREADS:
+        raise ThawlabError(f"schedule.spread={schedule_cfg.spread!r} is not one of {', '.join(SPREADS)}")
     if schedule_cfg.get("interval", 1) < 1:
         raise ThawlabError(f"schedule.interval={schedule_cfg.interval} must be at least 1")
 
@@ -172,8 +181,8 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: floa
     """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head').
 
     schedule.bn is one policy for every phase or a mapping {phase name: policy} (phases not named: train).
-    layer_decay (timm / BEiT layer-wise lr decay) multiplies each group's lr by decay ** depth, depth counted
-    in groups from the head (0) down to the stem, on top of the strategy's own multipliers.
+    layer_decay is only checked here: timm's layer-wise lr decay is per parameter, not per block group, and
+    is applied by the optimizer's groups (thawlab.backbone.layer_decay_scales, FineTuner).
     """
     check(schedule_cfg, epochs, layer_decay)
     phases = STRATEGIES[schedule_cfg.name](groups, epochs, schedule_cfg)
@@ -183,9 +192,8 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: floa
         if unknown:
             raise ThawlabError(f"schedule.bn names phase {sorted(unknown)[0]!r}; the phases of "
                                f"{schedule_cfg.name} are {', '.join(p.name for p in phases)}")
-    depth = {g: d for d, g in enumerate(reversed(groups))}
     phases = [replace(p, bn=bn.get(p.name, "train") if isinstance(bn, Mapping) else bn,
-                      lr_mult={g: p.lr_mult.get(g, 1.0) * layer_decay ** depth[g] for g in p.trainable})
+                      lr_mult={g: p.lr_mult.get(g, 1.0) for g in p.trainable})
               for p in phases]
     assert sum(p.epochs for p in phases) == epochs, phases
     return phases
@@ -206,6 +214,23 @@ def _cos(start: float, end: float, pos: float) -> float:
     return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
 
+def _stlr(t: int, total: int, cut_frac: float, ratio: float) -> float:
+    """ULMFiT's slanted triangular lr (Howard and Ruder 2018, eq. 3), t = 0..total-1 the phase's steps:
+    cut = floor(T cut_frac), p = t/cut below cut, else 1 - (t - cut)/(T - cut); lr = (1 + p (ratio - 1))/ratio.
+    The paper writes the falling side's denominator as cut (1/cut_frac - 1), which is T - cut only when
+    T cut_frac is whole; otherwise it overshoots and the lr goes below 1/ratio, then negative, before the phase
+    ends (T = 36: t = 31..35). T - cut keeps the paper's shape for every T: 1/ratio at t = 0, 1 at t = cut,
+    and 1/ratio at t = T, the step after the phase's last (as in the paper, whose lr reaches lr_max/ratio at
+    its last iteration t = T counting from 1: thawlab counts steps from 0, so its last step, T - 1, is one
+    step above the floor). Equal to eq. 3 whenever T cut_frac is whole."""
+    cut = max(1, math.floor(total * cut_frac + 1e-9))  # + 1e-9: 0.29 * 100 is 28.999999999999996
+    if t < cut:
+        p = t / cut
+    else:
+        p = max(0.0, 1 - (t - cut) / max(1, total - cut))
+    return (1 + p * (ratio - 1)) / ratio
+
+
 def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
     """Multiplier at step t of a phase of `total` steps.
       cosine     linear warm-up over warmup_epochs, then half a cosine to 0
@@ -216,10 +241,7 @@ def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
     """
     name = shape["name"]
     if name == "stlr":
-        cut_frac, ratio = shape["cut_frac"], shape["ratio"]
-        cut = max(1, math.floor(total * cut_frac))
-        p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
-        return (1 + p * (ratio - 1)) / ratio
+        return _stlr(t, total, shape["cut_frac"], shape["ratio"])
     if name == "one_cycle":
         pos, pct = t / total, shape["pct_start"]
         if pos < pct:
@@ -246,3 +268,16 @@ def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, 
     t = step - start * steps_per_epoch
     return phase.lr_mult.get(group, 1.0) * shape_at(t, phase.epochs * steps_per_epoch, {**shape, **phase.shape},
                                                     steps_per_epoch)
+
+
+def momentum_at(phases: list[Phase], step: int, steps_per_epoch: int, shape: dict, default: float) -> float:
+    """beta1 (Adam) or momentum (SGD) at optimizer step `step`: fastai's fit_one_cycle cycles it against the lr,
+    cosine from moms[0] down to moms[1] over pct_start, then up to moms[2] (shape one_cycle with `moms` set);
+    `default` (the optimizer's own value) otherwise."""
+    _, phase, start = phase_at(phases, step // steps_per_epoch)
+    sh = {**shape, **phase.shape}
+    if sh["name"] != "one_cycle" or not sh.get("moms"):
+        return default
+    total, (first, low, last) = phase.epochs * steps_per_epoch, sh["moms"]
+    pos, pct = (step - start * steps_per_epoch) / total, sh["pct_start"]
+    return _cos(first, low, pos / pct) if pos < pct else _cos(low, last, (pos - pct) / (1 - pct))

@@ -1,7 +1,8 @@
 """Sweeps (`thawlab-train -m ...`) that can be relaunched and that report their failures.
 
 - Each job's directory is named after its overrides (`schedule=lp_ft,seed=3`), so jobs that start in the same
-  second never share one, and relaunching the same sweep finds the same directories.
+  second never share one, and relaunching the same sweep finds the same directories (also with `ckpt_path=last`
+  added: conf/config.yaml leaves ckpt_path out of the name, how a job resumes is not what it is).
 - Relaunching skips jobs whose `done` marker exists and reruns failed or unfinished ones (train.py).
 - A failing job does not stop the others (the task function records the failure and returns; see train.py).
   At the end, SweepSummary (a Hydra callback, run by the process that launched the sweep, whatever the

@@ -17,6 +17,8 @@ from thawlab import config, sweep
 from thawlab.errors import ThawlabError
 from thawlab.loggers import finish_wandb
 from thawlab.results import DONE, RunRecord, read_results
+from thawlab.resume import Interrupted, check_matches, interruptible, is_resume_key, resume_argv, resume_event
+from thawlab.resume import resumed_job
 
 
 def conf_dir() -> str:
@@ -29,9 +31,11 @@ def job_of_hydra() -> dict:
     """What a run needs to know about its Hydra job; plain data, so a DDP rank process gets it too."""
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
-    return {"run_dir": hc.runtime.output_dir, "overrides": list(hc.overrides.task),
-            "name": hc.job.override_dirname or hc.job.name,
-            "group": Path(hc.sweep.dir).name if multirun else "single", "multirun": multirun}
+    job = {"run_dir": hc.runtime.output_dir, "overrides": [o for o in hc.overrides.task if not is_resume_key(o)],
+           "name": hc.job.override_dirname or hc.job.name,
+           "group": Path(hc.sweep.dir).name if multirun else "single", "multirun": multirun}
+    resumed = resumed_job(job["run_dir"])  # --resume: the run's identity as first launched
+    return {**job, **{k: resumed[k] for k in ("overrides", "name", "group")}} if resumed else job
 
 
 def train(cfg: DictConfig) -> dict:
@@ -41,20 +45,43 @@ def train(cfg: DictConfig) -> dict:
 
     job = job_of_hydra()
     run_dir = Path(job["run_dir"])
-    if job["multirun"] and (run_dir / DONE).exists():  # a relaunched sweep: this job finished before
-        print(f"skipping {run_dir.name}: done ({run_dir / DONE})", file=sys.stderr)
-        return read_results(run_dir)["metrics"]
-    n = ranks.must_start_ranks(cfg)
-    if not n:
-        return run(cfg, job)
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed, overrides=job["overrides"])
-    try:
-        _prepare(cfg)  # once, here: bad input is one line before any rank starts; the cache is filled once
-        ranks.launch(cfg, job, n)
-    except BaseException as e:
-        _mark_failed(record, e)
-        raise
+    if (run_dir / DONE).exists():  # a finished run is never touched again
+        if job["multirun"]:  # a relaunched sweep: this job finished before
+            print(f"skipping {run_dir.name}: done ({run_dir / DONE})", file=sys.stderr)
+            return read_results(run_dir)["metrics"]
+        raise ThawlabError(f"{run_dir} already finished ({DONE} marker); its results are kept. To run the "
+                           f"experiment again, start a new run (another hydra.run.dir)")
+    # a resume must continue the experiment its checkpoint belongs to: checked before anything is written
+    ckpt_path = resume_path(cfg.ckpt_path, run_dir, job["multirun"])
+    if ckpt_path is not None:
+        job["resumed"] = resume_event(run_dir, check_matches(OmegaConf.to_container(cfg, resolve=True),
+                                                             ckpt_path)["epoch"])
+    with interruptible():
+        n = ranks.must_start_ranks(cfg)
+        if not n:
+            return run(cfg, job)
+        record = new_record(cfg, job)
+        try:
+            _prepare(cfg)  # once, here: bad input is one line before any rank starts; the cache is filled once
+            ranks.launch(cfg, job, n)
+        except BaseException as e:
+            _interrupted(e, cfg, run_dir)
+            _mark_failed(record, e)
+            raise
     return read_results(run_dir)["metrics"]
+
+
+def new_record(cfg: DictConfig, job: dict, write: bool = True) -> RunRecord:
+    record = RunRecord(Path(job["run_dir"]), OmegaConf.to_container(cfg, resolve=True), cfg.seed,
+                       overrides=job["overrides"], write=write)
+    if job.get("resumed"):
+        record.payload["resumed"] = job["resumed"]
+    return record
+
+
+def _interrupted(e: BaseException, cfg: DictConfig, run_dir: Path) -> None:
+    if isinstance(e, Interrupted):
+        e.describe(run_dir, cfg.trainer.max_epochs)
 
 
 def _prepare(cfg: DictConfig) -> None:
@@ -93,10 +120,10 @@ def run(cfg: DictConfig, job: dict) -> dict:
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
     from thawlab.build import prepare_for_device, print_metrics, print_partition, print_wise
     from thawlab.pretrain import source_weights
+    from thawlab.resume import identity, signals_deferred
 
     run_dir = Path(job["run_dir"])
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.seed, overrides=job["overrides"],
-                       write=rank == 0)
+    record = new_record(cfg, job, write=rank == 0)
     say = console.print if rank == 0 else (lambda *a, **k: None)
     module, failed = None, True
     try:
@@ -116,12 +143,15 @@ def run(cfg: DictConfig, job: dict) -> dict:
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
+        module.identity = identity(record.payload["config"], job)  # checkpoints carry it (thawlab.resume)
         if rank == 0:
             print_partition(net, module.phases)
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
         trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping)
+        io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
+        io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
         stopping = early_stopping_report(cfg, module)
@@ -141,6 +171,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
         failed = False
         return metrics
     except BaseException as e:
+        _interrupted(e, cfg, run_dir)
         record.fail(e, trace=module.trace if module else [])
         raise
     finally:
@@ -201,8 +232,8 @@ def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) ->
     if not path.is_file() and multirun:
         return None
     if not path.is_file():
-        raise ThawlabError(f"ckpt_path=last: {path} does not exist; rerun in the directory of the run to resume "
-                           f"(hydra.run.dir=...) or pass a checkpoint file")
+        raise ThawlabError(f"ckpt_path=last: {path} does not exist; resume a run by its directory "
+                           f"(thawlab-train --resume <run dir>) or pass a checkpoint file")
     return str(path)
 
 
@@ -252,7 +283,12 @@ def main() -> None:
     config.register()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, rather than Hydra's multi-line report
     try:
+        if not _take_resume_flag():
+            return  # --resume of a finished run: nothing to do
         _hydra_main()
+    except Interrupted as e:  # results.json says the same; 128 + the signal number, as a shell reports it
+        print(f"thawlab-train: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
@@ -262,6 +298,34 @@ def main() -> None:
         _exit_with(message, getattr(e, "exit_code", 2))
     if sweep.failed_jobs:
         sys.exit(1)
+
+
+def _take_resume_flag() -> bool:
+    """`--resume <run dir> [overrides]` (or `--resume=<dir>`): replace argv by the run's own overrides and
+    directory before Hydra parses it. False: the run is finished and nothing is left to do."""
+    args = sys.argv[1:]
+    if not args or not args[0].startswith("--resume"):
+        if any(a == "--resume" or a.startswith("--resume=") for a in args):
+            raise ThawlabError("--resume <run dir> comes first: thawlab-train --resume <run dir> [key=value ...]")
+        if (any(is_resume_key(a) for a in args) and not {"-m", "--multirun"} & set(args)
+                and not any(a.startswith("hydra.output_subdir") for a in args)):
+            # a single run resumed with ckpt_path: Hydra would rewrite <run>/.hydra with this command's config
+            # before thawlab can compare it with the checkpoint's; the run's .hydra keeps its first launch
+            sys.argv.append("hydra.output_subdir=null")
+        return True
+    if args[0].startswith("--resume="):
+        path, rest = args[0][len("--resume="):], args[1:]
+    elif len(args) > 1:
+        path, rest = args[1], args[2:]
+    else:
+        raise ThawlabError("--resume needs a run directory: thawlab-train --resume <run dir>")
+    if any(a in ("-m", "--multirun") or is_resume_key(a) or a.startswith("hydra.run.dir") for a in rest):
+        raise ThawlabError("--resume resumes one run in its own directory: no -m, ckpt_path or hydra.run.dir")
+    argv = resume_argv(path, rest)
+    if argv is None:
+        return False
+    sys.argv[1:] = argv
+    return True
 
 
 def user_error(e: BaseException) -> str | None:

@@ -1,0 +1,6 @@
+"""python -m thawlab.report"""
+import sys
+
+from thawlab.report.cli import main
+
+sys.exit(main())
