@@ -132,7 +132,7 @@ def test_early_stopping_in_the_last_phase_ends_the_run(run):
 @pytest.mark.parametrize("overrides,needle", [
     (["backbone.drop_path_rate=1.0"], "backbone.drop_path_rate=1.0 is outside [0, 1)"),
     (["head=mlp", "head.dropout=-0.1"], "head.dropout=-0.1 is outside [0, 1)"),
-    (["early_stopping.patience=0"], "early_stopping.patience=0 must be at least 1"),
+    (["early_stopping.patience=0"], "early_stopping.patience=0 must be a positive integer"),
     (["early_stopping.patience=2", "early_stopping.min_delta=-1"], "early_stopping.min_delta=-1.0 must be >= 0"),
     (["trainer.gradient_clip_val=0"], "trainer.gradient_clip_val=0.0 must be positive"),
     (["trainer.gradient_clip_algorithm=l1"], "trainer.gradient_clip_algorithm='l1' is not one of norm, value"),

@@ -30,6 +30,64 @@ def check_name(name: str) -> None:
         raise ThawlabError(f"unknown backbone.name {name!r}{did_you_mean(arch, timm.list_models())}")
 
 
+def check_input_size(name: str, kwargs: dict, img_size: int) -> None:
+    """A backbone with a fixed input size (a ViT's or Swin's strict patch embedding, PiT's position embedding)
+    that differs from data.img_size fails at its first forward, deep inside a training (or the source
+    pretraining). Build it on the meta device (no memory, no weights: a fraction of a second) and run one
+    forward at the data's size, so the mismatch is one line before anything starts, with the fix."""
+    arch = name.split(".")[0]
+    try:
+        model = _meta_model(arch, kwargs)
+    except ThawlabError:
+        raise
+    except Exception:  # noqa: BLE001 (whatever creation problem is reported where the model is really built)
+        return
+    if _runs_at(model, img_size):
+        return
+    pe = getattr(model, "patch_embed", None)
+    fixed, by = getattr(pe, "img_size", None) if getattr(pe, "strict_img_size", False) else None, "its patch embedding"
+    if not fixed and model.pretrained_cfg.get("fixed_input_size"):
+        fixed, by = model.pretrained_cfg.get("input_size", (0, 0, 0))[1:], "its timm config"
+    if not fixed:
+        return  # not a fixed-size model: the failure, if any, is reported where the model really runs
+    h = int(tuple(fixed)[0])
+    if not _runs_at(model, h):
+        return  # it fails at its own size too: the meta device, not the size, is the problem here
+    fixes = []
+    patch = max(1, img_size // 8)
+    suggested = {**kwargs, "img_size": img_size, **({"patch_size": patch} if "patch_size" in _args_of(model) else {})}
+    try:
+        if img_size % patch == 0 and _runs_at(_meta_model(arch, suggested), img_size):
+            fixes.append(" ".join(f"{'' if k in kwargs else '+'}backbone.kwargs.{k}={v}" for k, v in suggested.items()
+                                  if k in ("img_size", "patch_size")))
+    except Exception:  # noqa: BLE001
+        pass
+    fixes.append(f"data.img_size={h}")
+    raise ThawlabError(f"backbone.name={name} takes {h}x{h} inputs only (fixed by {by}), "
+                       f"data.img_size={img_size}: pass {' or '.join(fixes)}")
+
+
+def _meta_model(arch: str, kwargs: dict) -> nn.Module:
+    with torch.device("meta"):
+        return _create(arch, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def _runs_at(model: nn.Module, size: int) -> bool:
+    chans = int(model.pretrained_cfg.get("input_size", (3,))[0])
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, chans, size, size, device="meta"))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _args_of(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(model).__init__).parameters)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection(HUB_HOST, timeout=timeout).close()

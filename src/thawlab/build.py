@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,51 @@ from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
 from thawlab.selection import SELECT, SelectCheckpoint  # noqa: F401  (SELECT: build.SELECT for callers)
 
-console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, copyable
+WIDE = 240  # columns of output that is not a terminal (a pipe, a SLURM log): rich's default 80 cuts tables
+
+
+class LogConsole(Console):
+    """A rich Console whose output also goes to the job's log file (Hydra's `<run dir>/train.log`), as plain
+    text; full width in a file or a pipe, not cut at 80 columns (a terminal keeps its own width)."""
+
+    def __init__(self, stderr: bool = False):
+        stream = sys.stderr if stderr else sys.stdout
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        width = None if tty else int(os.environ.get("COLUMNS") or 0) or WIDE
+        # soft_wrap: long paths stay on one line, copyable
+        super().__init__(stderr=stderr, soft_wrap=True, record=True, width=width)
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*objects, **kwargs)
+        text = self.export_text(clear=True).rstrip("\n")
+        if text:
+            to_log_files("\n" + text if "\n" in text else text)
+
+
+def to_log_files(text: str) -> None:
+    """One INFO record to the file handlers of the root logger (Hydra's job log), not to its console handler:
+    what a Console printed reaches the terminal once and the log file once."""
+    record = logging.LogRecord("thawlab", logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def one_lightning_log_line() -> None:
+    """Lightning (the `lightning` package) gives its logger a stderr handler of its own when imported, and
+    its records also propagate to the root logger, where Hydra's job logging prints them again (and writes
+    them to train.log): every INFO line twice on the terminal. Where the root logger has handlers (under
+    Hydra), Lightning's own go: each line once on the terminal, once in the log file."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+one_lightning_log_line()
+console = LogConsole(stderr=True)
+out = LogConsole()  # stdout: the metrics tables
 LAST = "last"  # checkpoints/last.ckpt: the end of the latest epoch, what ckpt_path=last resumes from
 
 
@@ -78,7 +124,11 @@ def export_model(net: ThawNet, adapter: str | None, path: Path) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Values the schema cannot check by type, checked before anything slow (pretraining) starts."""
+    from thawlab.config import check_values
+
+    check_values(cfg)  # every numeric key in its declared range (thawlab/config.py)
     bb.check_name(cfg.backbone.name)
+    bb.check_input_size(cfg.backbone.name, backbone_kwargs(cfg), cfg.data.img_size)
     schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and clip <= 0:
@@ -129,13 +179,18 @@ def check_regularization(cfg: DictConfig) -> None:
                            f"cutmix={r.cutmix}) pairs the samples of a batch: use an even batch size")
 
 
+def backbone_kwargs(cfg: DictConfig) -> dict:
+    """timm.create_model arguments beyond the name: backbone.kwargs, and drop_path_rate when it is set."""
+    kwargs = OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)
+    if cfg.backbone.get("drop_path_rate"):  # only when asked: not every timm model takes the argument
+        kwargs["drop_path_rate"] = cfg.backbone.drop_path_rate
+    return kwargs
+
+
 def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:
     """The backbone (with the schedule's adapters, unless adapters=False), its preprocessing and a new head."""
     b = cfg.backbone
-    kwargs = OmegaConf.to_container(b.kwargs, resolve=True)
-    if b.get("drop_path_rate"):  # only when asked: not every timm model takes the argument
-        kwargs["drop_path_rate"] = b.drop_path_rate
-    model = bb.create_backbone(b.name, pretrained, kwargs)
+    model = bb.create_backbone(b.name, pretrained, backbone_kwargs(cfg))
     adapter = cfg.schedule.get("adapter")
     if adapters and adapter:
         ADAPTERS[adapter].add(model, cfg)
@@ -300,7 +355,7 @@ def print_metrics(metrics: dict[str, float], stage: str = "test", selected: str 
     for s in sets:
         m = lambda k: metrics.get(f"{stage}/{s}/{k}", float("nan"))  # noqa: E731
         table.add_row(s, f"{100 * m('acc'):.1f}", f"{m('nll'):.3f}", f"{100 * m('ece'):.1f}")
-    Console().print(table)
+    out.print(table)
 
 
 def print_wise(curve: list[dict]) -> None:
@@ -311,4 +366,4 @@ def print_wise(curve: list[dict]) -> None:
         m, a = point["metrics"], f"{point['alpha']:g}"
         table.add_row(a, f"{100 * m[f'test/wise/{a}/id/acc']:.1f}",
                       f"{100 * m.get(f'test/wise/{a}/ood/mean/acc', float('nan')):.1f}")
-    Console().print(table)
+    out.print(table)

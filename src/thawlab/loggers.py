@@ -1,7 +1,8 @@
 """Loggers, built by Hydra from conf/logger/*.yaml. Each factory takes the same run-time arguments.
 
 W&B: one run per job, group and name from the sweep and the overrides, the resolved config as a plain dict.
-Without credentials it logs offline into the run directory and says how to upload (`wandb sync`). The mode
+Without credentials it logs offline into the run directory and says how to upload (`wandb sync`; in a sweep,
+once for all its jobs, at the end: thawlab.sweep). The mode
 goes to this run's wandb.init only: Lightning's `offline=True` would set WANDB_MODE for the whole process.
 
 A resumed run continues the same W&B run id, and its history continues too: thawlab gives every log call an
@@ -51,7 +52,7 @@ def wandb_logger(save_dir: str, name: str, group: str, run_config: dict, project
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not _wandb_credentials():
         mode = "offline"
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and group == "single":  # a sweep says it once, at its end
             print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; upload later with "
                   f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
     kwargs = {"mode": mode} if mode else {}

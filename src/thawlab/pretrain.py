@@ -8,9 +8,12 @@ dict, source classifier included, so it loads with `pretrained_cfg_overlay=dict(
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -50,18 +53,39 @@ def source_weights(cfg: DictConfig, force: bool = False) -> Path:
         raise ThawlabError(f"backbone.pretrained=source: data {cfg.data._target_!r} has no source task; "
                            f"use true (hub), false or a weights file")
     d = cache_dir(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(d):
         if (d / "done").exists() and not force:
             meta = json.loads((d / META).read_text())
             console.print(f"pretrained source weights: {d / WEIGHTS} (cached; source test acc "
                           f"{100 * meta['source_test_acc']:.1f}%)")
             return d / WEIGHTS
         (d / "done").unlink(missing_ok=True)
-        _pretrain(cfg, d)
+        try:
+            _pretrain(cfg, d)
+        except BaseException:
+            # a failed pretraining leaves no directory behind (only a lock and half a result would be
+            # left for later runs to trip over); a job waiting on the lock notices and starts afresh
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         (d / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return d / WEIGHTS
+
+
+@contextlib.contextmanager
+def _locked(d: Path):
+    """An exclusive lock on d/.lock, d created. A holder may remove d (a failed pretraining): whoever waited
+    on the old lock file then holds a lock on a deleted file, sees that and locks the new one."""
+    while True:
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.stat(d / ".lock").st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield
+                return
 
 
 def _pretrain(cfg: DictConfig, out: Path) -> None:

@@ -7,7 +7,8 @@
 - A failing job does not stop the others (the task function records the failure and returns; see train.py).
   At the end, SweepSummary (a Hydra callback, run by the process that launched the sweep, whatever the
   launcher: basic, joblib or submitit) lists the jobs of this launch that failed and why, and
-  `thawlab-train` exits 1.
+  `thawlab-train` exits 1. It ends with the commands to run next: the report, and one `wandb sync` for every
+  offline W&B run of the sweep.
 """
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ class SweepSummary(Callback):
         print(f"sweep {sweep}: {len(jobs) - len(failures)} of {len(jobs)} jobs done", file=sys.stderr)
         for name, why in failures:
             print(f"  failed: {name}: {why}", file=sys.stderr)
+        for line in closing_lines(sweep):
+            print(line, file=sys.stderr)
+
+
+def closing_lines(sweep: Path) -> list[str]:
+    """What to run next: the report over the sweep, and one upload of all its offline W&B runs (each job
+    logged offline without credentials; the per-job hint is not printed inside a sweep)."""
+    lines = [f"report: thawlab-report {sweep}"]
+    if any(sweep.glob("*/wandb/offline-run-*")):
+        lines.append(f"W&B: logged offline; upload every job of the sweep with "
+                     f"`wandb sync {sweep}/*/wandb/offline-run-*`")
+    return lines
 
 
 def _why(job: Path) -> str:

@@ -278,6 +278,7 @@ def _multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig):
     try:
+        config.check_values(cfg)  # ranges first: a bad value answers before torch is even imported
         if cfg.task == "pretrain":
             return pretrain(cfg)
         if cfg.task != "finetune":

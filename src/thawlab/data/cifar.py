@@ -23,7 +23,7 @@ import numpy as np
 
 from thawlab.data.augment import Recipe
 from thawlab.data.real import ArrayImages, RealImageSets, Source, check_choices, check_root, check_severities
-from thawlab.data.real import default_root, missing_files, resolve, split_per_class
+from thawlab.data.real import default_root, missing_files, missing_root, resolve, split_per_class
 from thawlab.errors import ThawlabError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -127,7 +127,7 @@ class Cifar10(RealImageSets):
         check_choices("data.corruptions", self.corruptions, CORRUPTIONS + EXTRA_CORRUPTIONS, "corruption")
         check_severities(self.severities)
         check_choices("data.paths", list(self.paths), list(DEFAULT_PATHS), "set")
-        self.root = check_root(self.root_arg or default_root(), create=self.download)
+        self.root = check_root(self.root_arg or default_root(), create=self.download, missing_ok=True)
         self.dirs = {k: resolve(self.root, self.paths.get(k) or v) for k, v in DEFAULT_PATHS.items()}
         self._num_classes = len(CLASSES)
         if not self.download:
@@ -150,7 +150,8 @@ class Cifar10(RealImageSets):
     def check_files(self, reason: str = "") -> None:
         missing = self.missing()
         if missing:
-            raise ThawlabError("; ".join(str(SOURCES[k].missing(self.dirs[k], m, reason)) for k, m in missing.items()))
+            raise ThawlabError(missing_root(self.root) + "; ".join(str(SOURCES[k].missing(self.dirs[k], m, reason))
+                                                                for k, m in missing.items()))
 
     def prepare_data(self):
         """data.download=true: fetch the sets whose files are missing (torchvision's downloader)."""

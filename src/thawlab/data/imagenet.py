@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from thawlab.data.real import FileImages, RealImageSets, Source, check_choices, check_root, class_dirs
-from thawlab.data.real import default_root, long_tensor, map_classes, resolve, scan, split_per_class
+from thawlab.data.real import default_root, long_tensor, map_classes, missing_root, resolve, scan, split_per_class
 from thawlab.errors import ThawlabError
 
 OOD_SETS = ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a")
@@ -57,14 +57,15 @@ class ImageNet(RealImageSets):
     def _check(self):
         check_choices("data.ood", self.ood, OOD_SETS, "OOD set", " for data=imagenet")
         check_choices("data.paths", list(self.paths), list(DEFAULT_PATHS), "set")
-        self.root = check_root(self.root_arg or str(Path(default_root()) / "imagenet"))
+        self.root = check_root(self.root_arg or str(Path(default_root()) / "imagenet"), missing_ok=True)
         self.dirs = {k: resolve(self.root, self.paths.get(k) or v) for k, v in DEFAULT_PATHS.items()}
         missing: dict[Source, list[Path]] = {}  # train and val share a source: one message
         for k in ("train", "val", *self.ood):
             if not self.dirs[k].is_dir():
                 missing.setdefault(SOURCES[k], []).append(self.dirs[k])
         if missing:
-            raise ThawlabError("; ".join(str(source.missing(folders)) for source, folders in missing.items()))
+            raise ThawlabError(missing_root(self.root) + "; ".join(str(source.missing(folders))
+                                                                for source, folders in missing.items()))
         # everything below reads folder names only: cheap, and wrong folders fail before the model is built
         self.wnids = class_dirs(self.dirs["train"])
         if not self.wnids:

@@ -31,16 +31,26 @@ def default_root() -> str:
 
 
 def check_root(root: str | os.PathLike | None, key: str = "data.root", create: bool = False,
-               hint: str = "/path/to/the/data") -> Path:
+               hint: str = "/path/to/the/data", missing_ok: bool = False) -> Path:
+    """missing_ok: a root that does not exist is returned, for the caller to list what it expects there
+    (prefixed by missing_root(root)), the same hint as for an empty root."""
     if root in (None, "", "???"):
         raise ThawlabError(f"{key} is not set: pass {key}={hint}")
     root = Path(str(root)).expanduser()
     if not root.is_dir():
         if create and not root.exists():
             root.mkdir(parents=True)
-        else:
+        elif not (missing_ok and not root.exists()):
             raise ThawlabError(f"{key}={root}: no such directory")
     return root
+
+
+def missing_root(root: Path, key: str = "data.root") -> str:
+    """The start of a missing-files error when the data root itself does not exist: how to point at it."""
+    if root.is_dir():
+        return ""
+    return (f"{key}={root}: no such directory (data.root=/path or $THAWLAB_DATA names the folder that holds "
+            f"the sets; default $THAWLAB_DATA, else ~/data); ")
 
 
 def resolve(root: Path, path: str) -> Path:
