@@ -392,7 +392,7 @@ def real(root: Path, schedule: str, seed: int) -> None:
     """Make a smoke run look like a real one: no debug override, no trainer limits."""
     r = results(root)[(schedule, seed)]
     trainer = {**r["config"]["trainer"], **{k: None for k in report.SMOKE_LIMITS}}
-    edit(root, schedule, seed, config={**r["config"], "trainer": trainer, "debug": None},
+    edit(root, schedule, seed, config={**r["config"], "trainer": trainer, "debug": None}, debug=None,
          overrides=[o for o in r["overrides"] if o != "debug=smoke"])
 
 
@@ -402,8 +402,10 @@ def test_smoke_runs_are_left_out_unless_asked_for(copy, tmp_path):
     assert "--include-smoke" in p.stderr and not (copy / "table.md").exists()
     for k in SEEDS:
         real(copy, "frozen", k)
-        r = results(copy)[("wise_ft", k)]  # still a smoke run by its trainer limits alone
-        edit(copy, "wise_ft", k, overrides=[o for o in r["overrides"] if o != "debug=smoke"])
+        r = results(copy)[("wise_ft", k)]  # still a smoke run by its trainer limits alone (as results.json
+        # files written before thawlab marked smoke runs: debug null, no debug override)
+        edit(copy, "wise_ft", k, config={**r["config"], "debug": None}, debug=None,
+             overrides=[o for o in r["overrides"] if o != "debug=smoke"])
     p = cli_report(copy, "--no-figures", cwd=tmp_path, smoke=False)
     assert p.returncode == 0, p.stderr
     assert f"warning: left out 3 smoke run(s) under {copy.resolve()}" in p.stderr
