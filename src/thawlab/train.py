@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
         record = new_record(cfg, job)
         try:
             _prepare(cfg)  # once, here: bad input is one line before any rank starts; the cache is filled once
-            ranks.launch(cfg, job, n)
+            ranks.launch(cfg, job, n, entry=run)  # each rank process runs this job through run()
         except BaseException as e:
             _interrupted(e, cfg, run_dir)
             _mark_failed(record, e)
@@ -96,6 +96,11 @@ def _prepare(cfg: DictConfig) -> None:
         source_weights(cfg)
 
 
+def error_line(e: BaseException) -> str:
+    """An error as results.json states it: an interruption in its own words (they say how to resume)."""
+    return str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+
+
 def _mark_failed(record: RunRecord, e: BaseException) -> None:
     """results.json of a DDP job whose rank failed: rank 0's record (its trace), with the root cause."""
     path = record.run_dir / "results.json"
@@ -105,7 +110,7 @@ def _mark_failed(record: RunRecord, e: BaseException) -> None:
             record.payload.update({k: v for k, v in written.items() if k in ("trace", "distributed")})
     except (OSError, ValueError):
         pass
-    record.fail(e)
+    record.fail(error_line(e))
 
 
 def run(cfg: DictConfig, job: dict) -> dict:
@@ -174,7 +179,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
         return metrics
     except BaseException as e:
         _interrupted(e, cfg, run_dir)
-        record.fail(e, trace=module.trace if module else [])
+        record.fail(error_line(e), trace=module.trace if module else [])
         raise
     finally:
         finish_wandb(failed)
