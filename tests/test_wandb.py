@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import Killed, KillAfter, add_callbacks
-from wandb_log import records, summary_and_history
+from wandb_log import records, summary_and_history, table
 
 
 def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
@@ -28,6 +28,18 @@ def test_offline_wandb_run_holds_the_results_metrics(run, monkeypatch):
     assert {f"lr/{g}" for g in groups} <= logged and not any(k.startswith("lr-") or "pg" in k for k in logged)
     assert summary["test/source/acc"] == pytest.approx(r["metrics"]["test/source/acc"], abs=1e-6)
     assert config["schedule"]["name"] == "lp_ft" and group == "single"
+    # the final metrics as reported (results.json) in the summary, and per evaluation set as a table
+    assert all(summary[k] == pytest.approx(v, abs=1e-9) for k, v in r["metrics"].items())
+    logged = [row for row in history if "test/sets/_type" in row]
+    assert len(logged) == 1
+    sets = table(files[0], logged[0], "test/sets")
+    assert sets["columns"][0] == "set" and {"acc", "nll", "ece"} <= set(sets["columns"])
+    by_set = {row[0]: dict(zip(sets["columns"][1:], row[1:])) for row in sets["data"]}
+    assert {"id", "ood/printed", "ood/corrupt_s5", "ood/mean", "source"} <= by_set.keys()
+    for key, value in r["metrics"].items():
+        if key.startswith("test/"):
+            name, _, metric = key[5:].rpartition("/")
+            assert by_set[name][metric] == pytest.approx(value, abs=1e-9), key
 
 
 def _finished_records(path):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thawlab import config, sweep
 from thawlab.errors import ThawlabError
-from thawlab.loggers import finish_wandb
+from thawlab.loggers import finish_wandb, log_final_metrics
 from thawlab.results import DONE, RunRecord, read_results
 from thawlab.resume import Interrupted, check_matches, interruptible, is_resume_key, resume_argv, resume_event
 from thawlab.resume import resumed_job
@@ -170,6 +170,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
                       distributed=module.rank_report, **stopping)
+        log_final_metrics(logger, metrics)
         print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
                                         f"{selection['epoch']} ({selection['phase']})")
         if wise:
