@@ -22,6 +22,7 @@ The job's results.json names the rank that failed first and its error.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -97,6 +98,15 @@ def global_rank() -> int:
         if os.environ.get(var, "").isdigit() and (var == "RANK" or int(os.environ.get("SLURM_NTASKS", 1)) > 1):
             return int(os.environ[var])
     return 0
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank` for what should differ between ranks: dropout, drop-path, augmentation, Mixup
+    (one seed on every rank draws the same masks and crops for different samples). Rank 0 keeps the run's
+    seed; the data order is the sampler's, from the run's seed, whatever this is."""
+    if rank == 0:
+        return seed
+    return int(hashlib.sha256(f"thawlab-rank:{seed}:{rank}".encode()).hexdigest()[:8], 16)
 
 
 def started_by_cluster() -> bool:

@@ -148,6 +148,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
+        if ranks.world_size(cfg) > 1:  # now that the network is built alike on every rank: their own streams
+            L.seed_everything(ranks.rank_seed(cfg.seed, rank), workers=True, verbose=False)
         module.identity = identity(record.payload["config"], job)  # checkpoints carry it (thawlab.resume)
         if rank == 0:
             print_partition(net, module.phases)
