@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import cli
+from thawlab.ranks import rank_seed
 from thawlab.results import read_results
 from wandb_log import records
 
@@ -65,7 +66,7 @@ def test_ddp_sweep_with_a_failing_rank(tmp_path, cache_dir):
     assert res["status"] == "done" and (ok / "done").exists()
     d = res["distributed"]
     assert d["world_size"] == 2 and d["backend"] == "gloo"
-    assert [x["rank"] for x in d["ranks"]] == [0, 1] and all(x["seed"] == 5 for x in d["ranks"])
+    assert [x["rank"] for x in d["ranks"]] == [0, 1] and [x["seed"] for x in d["ranks"]] == [5, rank_seed(5, 1)]
     assert len({x["pid"] for x in d["ranks"]}) == 2
     assert _wandb_exit_code(ok) == 0
     assert len(list(ok.glob("wandb/offline-run-*"))) == 1  # one W&B run per job: rank 0's
@@ -82,6 +83,14 @@ def test_ddp_gradual_keeps_ranks_identical_and_counts_every_sample_once(tmp_path
     res = read_results(run_dir)
     ranks = res["distributed"]["ranks"]
     assert ranks[0]["weights"] == ranks[1]["weights"], "ranks diverged"
+    # dropout and augmentation draw from each rank's own seed (the data order is the sampler's, from seed)
+    assert [k["seed"] for k in ranks] == [rank_seed(res["seed"], k) for k in (0, 1)]
+    assert ranks[0]["seed"] != ranks[1]["seed"]
+    import torch  # a checkpoint carries each rank's random states, which a resume gives back to each rank
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    (rng0, host0), (rng1, host1) = ckpt["thawlab_rng_ranks"]
+    assert not torch.equal(rng0, rng1) and host0["python"] != host1["python"]
     trained = {g for t in res["trace"] for g in t["trainable_groups"]}
     assert len(trained) >= 2 and set(ranks[0]["changed"]) == trained, (ranks[0]["changed"], trained)
     assert len(ranks[0]["weights"]) > len(trained)  # some groups stayed frozen, and did not move

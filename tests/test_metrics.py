@@ -129,6 +129,11 @@ def test_nll_is_exact_for_a_confident_mistake():
     m = NLL()
     m.update(torch.tensor([[100.0, 0.0]]), torch.tensor([1]))
     assert float(m.compute()) == pytest.approx(100.0, rel=1e-6)  # probabilities clamped at 1e-12 gave 27.63
+    m = NLL()  # the case: a logit gap of 50, wrong, against torch's own cross-entropy (clamped: 27.63)
+    logits, y = torch.tensor([[50.0, 0.0], [0.0, 50.0]]), torch.tensor([1, 1])
+    m.update(logits, y)
+    assert float(m.compute()) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert float(m.compute()) == pytest.approx(25.0, rel=1e-6)  # (50 + 0) / 2
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.tensor([[100.0, 0.0, -3.0], [2.0, 1.0, 0.0]], dtype=dtype)
         y = torch.tensor([1, 0])

@@ -619,3 +619,24 @@ def test_se_is_honoured_in_the_wise_table_and_figures(copy):
                                                  f"{statistics.stdev(vals) / math.sqrt(3):.1f}")
     figs = report.figures(load([copy]), se=True)
     assert "s.e." in figs.figures["id_vs_ood"].axes[0].get_title()
+
+
+def test_severity_legend_shows_every_row_inside_the_figure(copy):
+    """Many rows (here 14): the severity legend (one column was cut off at the figure's edge past about ten
+    entries) has every row, drawn inside the figure."""
+    frozen = [results(copy)[("frozen", k)]["file"].parent for k in SEEDS]
+    for i in range(12):  # 12 more configurations, clones of the frozen runs under an extra override
+        for src in frozen:
+            dst = copy / f"{src.name},clone={i}"
+            shutil.copytree(src, dst)
+            r = json.loads((dst / "results.json").read_text())
+            (dst / "results.json").write_text(json.dumps({**r, "overrides": [*r["overrides"],
+                                                                               f"optimizer.lr=0.{i + 1}"]}))
+    runs = load([copy])
+    assert len(runs.labels()) == 14
+    fig = report.figures(runs).figures["severity"]
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert len(legend.get_texts()) == 14
+    box, page = legend.get_window_extent(), fig.bbox
+    assert box.y0 >= page.y0 and box.y1 <= page.y1 and box.x1 <= page.x1, (box, page)

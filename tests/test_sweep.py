@@ -4,10 +4,12 @@ joblib and submitit (local: SLURM's code path) launchers."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import cli
@@ -71,9 +73,15 @@ def test_parallel_and_submitit_launchers(tmp_path, cache_dir, launcher):
 
 def test_slurm_launcher_config_takes_tasks_and_gpus_from_the_trainer():
     config.register()
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
+    with initialize_config_dir(conf_dir(), version_base="1.3"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         cfg = compose("config", overrides=["hydra/launcher=submitit_slurm", "trainer.devices=4",
                                            "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        # the plugin's schema still types the keys, extended explicitly: no deprecated matching by name
+        with pytest.raises(ConfigCompositionException, match="mem_gb"):
+            compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.mem_gb=lots"],
+                    return_hydra_config=True)
+    assert not [str(w.message) for w in seen if "ConfigStore schema" in str(w.message)]
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["partition"]) == (4, 4, "gpu")

@@ -55,3 +55,17 @@ def summary_and_history(path: Path) -> tuple[dict, list[dict], dict, str]:
             for i in rec.config.update:
                 config[i.key] = json.loads(i.value_json)
     return summary, history, config, group
+
+
+
+def media(row: dict, key: str) -> dict:
+    """A logged media value (wandb.Table, wandb.Image) of a history row or summary: wandb stores its fields
+    as nested keys, which summary_and_history joins with "/"."""
+    return {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(key + "/")}
+
+
+def table(run_file: Path, row: dict, key: str) -> dict:
+    """A logged wandb.Table as {"columns", "data"}: the file the run keeps under files/."""
+    value = media(row, key)
+    assert value.get("_type") == "table-file", value
+    return json.loads((Path(run_file).parent / "files" / value["path"]).read_text())

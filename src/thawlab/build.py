@@ -18,7 +18,7 @@ from rich.table import Table
 
 from thawlab import backbone as bb
 from thawlab import reft, schedules, stopping
-from thawlab.data.digits import Preprocess
+from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead

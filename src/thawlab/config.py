@@ -559,7 +559,29 @@ def schema_classes() -> list[type]:
 
 def register() -> None:
     cs = ConfigStore.instance()
+    _rename_slurm_schema(cs)
     cs.store(name="thawlab_schema", node=TrainConfig)
     for group, options in SCHEMAS.items():
         for name, node in options.items():  # under schema/, so `--help` lists them apart from the options
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+SLURM_SCHEMA = "submitit_slurm_schema"
+
+
+def _rename_slurm_schema(cs: ConfigStore) -> None:
+    """conf/hydra/launcher/submitit_slurm.yaml replaces the submitit plugin's config of the same name, so that
+    `hydra/launcher=submitit_slurm` gets thawlab's defaults. Hydra would validate the file against the plugin's
+    ConfigStore entry of that name, a matching by name deprecated since Hydra 1.1 and warned about whenever the
+    launcher is chosen. So the plugin's schema moves to `submitit_slurm_schema`, which the file extends by its
+    defaults list (Hydra's migration for this case): the same keys, types and values, no warning."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    except ImportError:  # the launcher is an extra (thawlab[sweep]): without it there is nothing to rename
+        return
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's plugin scan re-runs the plugin's registrations: let it happen first, once
+    launchers = cs.repo.get("hydra", {}).get("launcher", {})
+    launchers.pop("submitit_slurm.yaml", None)
+    cs.store(group="hydra/launcher", name=SLURM_SCHEMA, node=SlurmQueueConf, provider="submitit_launcher")

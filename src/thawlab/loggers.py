@@ -28,6 +28,18 @@ def _wandb_credentials() -> bool:
         return False
 
 
+def wandb_mode(save_dir: str, say: bool = True) -> str | None:
+    """The mode for this W&B run only: WANDB_MODE when set, else offline without credentials (say: print
+    where it logs and the sync command), else None (online)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not _wandb_credentials():
+        mode = "offline"
+        if say:
+            print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; upload later with "
+                  f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
+    return mode
+
+
 NEXT_STEP = "next-step"  # in <save_dir>/wandb: the W&B step a resumed run logs next
 
 
@@ -49,12 +61,8 @@ def wandb_logger(save_dir: str, name: str, group: str, run_config: dict, project
     """resume=True (a run resumed with ckpt_path): continue the W&B run the directory already has, same id."""
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None and not _wandb_credentials():
-        mode = "offline"
-        if os.environ.get("RANK", "0") == "0" and group == "single":  # a sweep says it once, at its end
-            print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; upload later with "
-                  f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
+    # a sweep says it once, at its end
+    mode = wandb_mode(save_dir, say=os.environ.get("RANK", "0") == "0" and group == "single")
     kwargs = {"mode": mode} if mode else {}
     run_id = previous_wandb_id(save_dir) if resume else None
     first_step = 0
@@ -92,6 +100,29 @@ def wandb_logger(save_dir: str, name: str, group: str, run_config: dict, project
 
     return StepsContinued(project=project, entity=entity, save_dir=save_dir, name=name, group=group,
                           job_type=job_type, config=run_config, **kwargs)
+
+
+def log_final_metrics(logger, metrics: dict) -> None:
+    """The run's final metrics (results.json's) in its W&B summary, and its test metrics per evaluation set as a
+    table `test/sets` (a row per set, a column per metric). Lightning's test logging leaves in the summary
+    only what was last logged under each key; these are the metrics of the selected checkpoint as reported.
+    Rank 0 only (the caller's); nothing without a W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    per_set: dict[str, dict] = {}
+    for key, value in metrics.items():
+        if key.startswith("test/"):
+            name, _, metric = key[len("test/"):].rpartition("/")
+            per_set.setdefault(name, {})[metric] = value
+    names = sorted({m for row in per_set.values() for m in row})
+    table = wandb.Table(columns=["set", *names], data=[[s, *(row.get(m) for m in names)]
+                                                        for s, row in per_set.items()])
+    logger.experiment.summary.update(metrics)
+    logger.log_metrics({"test/sets": table})  # at the next step of the run's history (resumes continue it)
 
 
 def csv_logger(save_dir: str, name: str, group: str, run_config: dict, project: str = "thawlab",

@@ -333,6 +333,14 @@ class FineTuner(L.LightningModule):
         # run continues exactly (loader worker processes aside: they are seeded afresh)
         checkpoint["thawlab_rng"] = torch.get_rng_state()
         checkpoint["thawlab_rng_host"] = host_rng_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank has its own streams (ranks.rank_seed); rank 0 writes the file: it carries them all.
+            # Every rank dumps the checkpoint (Lightning's save_checkpoint), so all take part in the gather.
+            import torch.distributed as dist
+
+            everyone: list = [None] * self.trainer.world_size
+            dist.all_gather_object(everyone, (torch.get_rng_state(), host_rng_state()))
+            checkpoint["thawlab_rng_ranks"] = everyone
         if self.theta0 is not None:
             checkpoint["thawlab_theta0"] = self.theta0
 
@@ -345,6 +353,10 @@ class FineTuner(L.LightningModule):
             torch.set_rng_state(checkpoint["thawlab_rng"])
             if "thawlab_rng_host" in checkpoint:
                 set_host_rng_state(checkpoint["thawlab_rng_host"])
+            mine = checkpoint.get("thawlab_rng_ranks") or []
+            if len(mine) == self.trainer.world_size > 1:  # this rank's own streams, as saved
+                torch.set_rng_state(mine[self.global_rank][0])
+                set_host_rng_state(mine[self.global_rank][1])
         if "thawlab_plan" in checkpoint and fitting:  # a resumed run continues the plan as early stopping cut it
             for i, epochs in enumerate(checkpoint["thawlab_plan"]["epochs"]):
                 self.phases[i] = replace(self.phases[i], epochs=epochs)  # in place: the lr lambdas hold the list

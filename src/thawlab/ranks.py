@@ -6,7 +6,8 @@ thawlab never lets Lightning start processes:
 
 - Started here (single runs, and sweeps on the basic or joblib launcher): the job's own process becomes a
   supervisor. It checks the config and fills the pretraining cache once, then starts one process per rank
-  (`python -m thawlab.ranks <spec>`: that job's resolved config, nothing re-parsed from the command line) with
+  (`python -m thawlab.ranks <spec>`: that job's resolved config and the entry point it was given to run, by
+  dotted name, e.g. `thawlab.train:run`; nothing re-parsed from the command line) with
   the torch.distributed environment in the children's environment only, and watches them. The supervisor
   never joins a process group, so nothing (environment variables, process groups, W&B runs) outlives the job.
 - Started by a cluster (SLURM, or submitit's local twin, with one task per device): each task is a rank; the
@@ -21,6 +22,8 @@ The job's results.json names the rank that failed first and its error.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import signal
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,6 +100,15 @@ def global_rank() -> int:
     return 0
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank` for what should differ between ranks: dropout, drop-path, augmentation, Mixup
+    (one seed on every rank draws the same masks and crops for different samples). Rank 0 keeps the run's
+    seed; the data order is the sampler's, from the run's seed, whatever this is."""
+    if rank == 0:
+        return seed
+    return int(hashlib.sha256(f"thawlab-rank:{seed}:{rank}".encode()).hexdigest()[:8], 16)
+
+
 def started_by_cluster() -> bool:
     """True when a cluster launcher already started one process per rank (SLURM tasks, submitit, torchrun)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
@@ -129,15 +142,18 @@ def must_start_ranks(cfg: DictConfig) -> int:
 
 
 # ---- the supervisor ------------------------------------------------------------------------------------
-def launch(cfg: DictConfig, job: dict, n: int, timeout_s: float | None = None) -> None:
-    """Start n rank processes for this job, wait for them; raise RankFailed if any failed."""
+def launch(cfg: DictConfig, job: dict, n: int, entry: Callable[[DictConfig, dict], object],
+           timeout_s: float | None = None) -> None:
+    """Start n rank processes that each call entry(cfg, job), wait for them; raise RankFailed if any failed.
+    The entry point is given, not imported here: this module sits below the training code that calls it."""
     run_dir = Path(job["run_dir"])
     rank_dir = run_dir / "ranks"
     rank_dir.mkdir(parents=True, exist_ok=True)
     for old in rank_dir.glob("rank*.error"):
         old.unlink()
     spec = run_dir / SPEC
-    spec.write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "job": job}, indent=1))
+    spec.write_text(json.dumps({"entry": entry_name(entry), "config": OmegaConf.to_container(cfg, resolve=True),
+                                "job": job}, indent=1))
     port = _free_port()
     procs: list[subprocess.Popen] = []
     try:
@@ -158,6 +174,19 @@ def launch(cfg: DictConfig, job: dict, n: int, timeout_s: float | None = None) -
     if any(codes):
         rank, error = _first_failure(rank_dir, codes)
         raise RankFailed(f"rank {rank} of {n} failed: {error}")
+
+
+def entry_name(fn: Callable) -> str:
+    """'module:function', what a rank process imports and calls: a module-level function, so it can."""
+    name = f"{fn.__module__}:{fn.__qualname__}"
+    if "<" in fn.__qualname__ or "." in fn.__qualname__ or resolve(name) is not fn:
+        raise TypeError(f"{name}: a rank's entry point must be a module-level function")
+    return name
+
+
+def resolve(name: str) -> Callable:
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _watch(procs: list[subprocess.Popen], grace_s: float, timeout_s: float | None) -> None:
@@ -230,12 +259,12 @@ def rank_main(spec_path: str) -> None:
     run_dir = Path(spec["job"]["run_dir"])
     try:
         from thawlab.resume import interruptible
-        from thawlab.train import run
 
+        entry = resolve(spec["entry"])
         cfg = OmegaConf.create(spec["config"])
         OmegaConf.set_struct(cfg, True)
         with interruptible():  # the supervisor's SIGTERM: rank 0 records the interruption like a single run
-            run(cfg, spec["job"])
+            entry(cfg, spec["job"])
     except BaseException as e:  # noqa: BLE001
         message = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
         (run_dir / "ranks" / f"rank{rank}.error").write_text(message + "\n\n" + traceback.format_exc())

@@ -15,6 +15,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from thawlab.errors import ThawlabError
+
 RESULTS, DONE = "results.json", "done"
 PACKAGES = ("thawlab", "torch", "torchvision", "lightning", "timm", "torchmetrics", "hydra-core", "omegaconf",
             "wandb")
@@ -60,8 +62,6 @@ class RunRecord:
         self.run_dir, self.write = Path(run_dir), write
         if write:
             if (self.run_dir / DONE).exists():
-                from thawlab.errors import ThawlabError
-
                 raise ThawlabError(f"{self.run_dir} already finished ({DONE} marker): its results are kept")
             self.run_dir.mkdir(parents=True, exist_ok=True)
         # debug: the debug preset (smoke) or null; reports leave smoke runs out
@@ -77,12 +77,10 @@ class RunRecord:
         atomic_write_json(self.run_dir / RESULTS, self.payload)
         (self.run_dir / DONE).write_text(self.payload["finished"] + "\n")
 
-    def fail(self, error: BaseException, **fields) -> None:
-        from thawlab.resume import Interrupted
-
+    def fail(self, message: str, **fields) -> None:
+        """message: the error as results.json states it (train.error_line)."""
         if self.payload["status"] == "done":  # finished before the error (or signal) came: keep the result
             return
-        message = str(error) if isinstance(error, Interrupted) else f"{type(error).__name__}: {error}"
         self.payload.update(fields, status="failed", error=message,
                             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if self.write:

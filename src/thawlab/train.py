@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thawlab import config, sweep
 from thawlab.errors import ThawlabError
-from thawlab.loggers import finish_wandb
+from thawlab.loggers import finish_wandb, log_final_metrics
 from thawlab.results import DONE, RunRecord, read_results
 from thawlab.resume import Interrupted, check_matches, interruptible, is_resume_key, resume_argv, resume_event
 from thawlab.resume import resumed_job
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
         record = new_record(cfg, job)
         try:
             _prepare(cfg)  # once, here: bad input is one line before any rank starts; the cache is filled once
-            ranks.launch(cfg, job, n)
+            ranks.launch(cfg, job, n, entry=run)  # each rank process runs this job through run()
         except BaseException as e:
             _interrupted(e, cfg, run_dir)
             _mark_failed(record, e)
@@ -96,6 +96,11 @@ def _prepare(cfg: DictConfig) -> None:
         source_weights(cfg)
 
 
+def error_line(e: BaseException) -> str:
+    """An error as results.json states it: an interruption in its own words (they say how to resume)."""
+    return str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+
+
 def _mark_failed(record: RunRecord, e: BaseException) -> None:
     """results.json of a DDP job whose rank failed: rank 0's record (its trace), with the root cause."""
     path = record.run_dir / "results.json"
@@ -105,7 +110,7 @@ def _mark_failed(record: RunRecord, e: BaseException) -> None:
             record.payload.update({k: v for k, v in written.items() if k in ("trace", "distributed")})
     except (OSError, ValueError):
         pass
-    record.fail(e)
+    record.fail(error_line(e))
 
 
 def run(cfg: DictConfig, job: dict) -> dict:
@@ -143,6 +148,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
+        if ranks.world_size(cfg) > 1:  # now that the network is built alike on every rank: their own streams
+            L.seed_everything(ranks.rank_seed(cfg.seed, rank), workers=True, verbose=False)
         module.identity = identity(record.payload["config"], job)  # checkpoints carry it (thawlab.resume)
         if rank == 0:
             print_partition(net, module.phases)
@@ -165,6 +172,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
                       distributed=module.rank_report, **stopping)
+        log_final_metrics(logger, metrics)
         print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
                                         f"{selection['epoch']} ({selection['phase']})")
         if wise:
@@ -174,7 +182,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
         return metrics
     except BaseException as e:
         _interrupted(e, cfg, run_dir)
-        record.fail(e, trace=module.trace if module else [])
+        record.fail(error_line(e), trace=module.trace if module else [])
         raise
     finally:
         finish_wandb(failed)

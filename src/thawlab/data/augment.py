@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from thawlab.data.preprocess import Preprocess
 from thawlab.errors import ThawlabError, did_you_mean
-
-if TYPE_CHECKING:  # digits.py imports this module; the dataclass is only read here
-    from thawlab.data.digits import Preprocess
 
 PRESETS = ("none", "crop_flip", "resized_crop", "randaug", "augmix")
 RANDAUG = "rand-m9-mstd0.5-inc1"  # timm's default RandAugment policy (DeiT, timm's ImageNet recipes)

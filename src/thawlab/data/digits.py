@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -36,6 +35,8 @@ from torch.utils.data import TensorDataset
 from thawlab.data import augment as aug
 from thawlab.data.corruptions import NAMES as CORRUPTIONS
 from thawlab.data.corruptions import corrupt
+from thawlab.data.preprocess import Preprocess  # noqa: F401  (also thawlab.data.digits.Preprocess for callers)
+from thawlab.data.real import ArrayImages
 from thawlab.data.sets import ImageSets
 from thawlab.errors import ThawlabError
 
@@ -139,30 +140,6 @@ def stratified_split(y: torch.Tensor, sizes: dict[str, int], seed: int) -> dict[
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """What a model expects: input size, channels and normalisation (from the weights' timm config)."""
-
-    img_size: int = 32
-    in_chans: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-
-    def __call__(self, x8: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) in [0, 1] -> (N, in_chans, img_size, img_size), normalised."""
-        x = self.resize(x8)
-        return self.normalise(x)
-
-    def resize(self, x8: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x8, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(-1, self.in_chans, -1, -1)
-        mean = torch.tensor(self.mean[: self.in_chans]).view(1, -1, 1, 1)
-        std = torch.tensor(self.std[: self.in_chans]).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
-
-
 # data.shift: the target task itself shifted, every split alike, for surgical fine-tuning (Lee et al. 2023):
 # from a model trained on the plain task, an input-level shift (invert: x -> 1 - x) or a label-level one
 # (flip_labels: y -> 9 - y).
@@ -232,8 +209,6 @@ class DigitsTarget(ImageSets):
 
     def _augmented(self, x8: torch.Tensor, y: torch.Tensor):
         """Training images as 8-bit grey PIL images at img_size, augmented and normalised one at a time."""
-        from thawlab.data.real import ArrayImages  # real.py imports this module
-
         grey = (self.preprocess.resize(x8)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         return ArrayImages(grey, y.numpy(), aug.train_transform(self.preprocess, self.augment, recipe=self.recipe))
 

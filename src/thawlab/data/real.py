@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from thawlab.data import augment as aug
 from thawlab.data.augment import eval_transform, train_transform
-from thawlab.data.digits import Preprocess
+from thawlab.data.preprocess import Preprocess
 from thawlab.data.sets import ImageSets
 from thawlab.errors import ThawlabError, did_you_mean
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -52,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune", metavar="KEY", help="per row, keep the value of KEY (e.g. optimizer.lr) with the best "
                                                   "mean ID validation score; the caption says which")
     ap.add_argument("--no-figures", action="store_true", help="tables (and paired files) only")
+    ap.add_argument("--wandb", action="store_true",
+                    help="also log the report as a W&B run (job_type=report, in the sweep's group): the table, "
+                         "the paired comparisons and the figures; offline into <out>/wandb without credentials")
+    ap.add_argument("--wandb-project", default="thawlab", metavar="NAME",
+                    help="W&B project of the report run (default: thawlab, as logger=wandb)")
+    ap.add_argument("--wandb-entity", metavar="NAME", help="W&B entity of the report run")
     return ap
 
 
@@ -132,6 +139,15 @@ def _report(args) -> int:
         written.append(path)
         print(text)
     print("wrote " + ", ".join(str(p) for p in written))
+    if args.wandb:
+        from thawlab.report.wandb_run import group_of, publish
+
+        config = json.loads(json.dumps(vars(args), default=str))  # the arguments, paths as text
+        run_id = publish(out, runs, table, [(a, b, f"{_safe(x)}_vs_{_safe(y)}") for (a, b), (x, y)
+                                            in zip(compare, args.compare)],
+                         [p for p in written if p.suffix == ".png"], fit=fit, config=config,
+                         project=args.wandb_project, entity=args.wandb_entity)
+        print(f"W&B: report run {run_id} (job_type=report, group {group_of(runs)})")
     if runs.problems:
         print(f"{PROG}: {len(runs.problems)} file(s) left out (named above); the report covers the rest",
               file=sys.stderr)

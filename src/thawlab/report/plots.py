@@ -287,6 +287,21 @@ def _wise(runs: Runs, labels: list[str], colors: dict, se: bool = False):
     return fig, None
 
 
+def _legend_that_fits(fig, handles, names, **kw):
+    """A legend right of the axes, in as many columns as it takes to fit the figure's height, the figure
+    widened by the added columns. One column is cut off at the figure's bottom edge past about ten rows."""
+    legend = fig.legend(handles, names, loc="outside right upper", **kw)
+    fig.canvas.draw()  # the legend's size as rendered (wrapped labels are several lines)
+    box = legend.get_window_extent()
+    room = 0.9 * fig.get_figheight() * fig.dpi  # what constrained layout leaves of the height, and a margin
+    if box.height <= room:
+        return legend
+    ncols = math.ceil(box.height / room)
+    legend.remove()
+    fig.set_figwidth(fig.get_figwidth() + (ncols - 1) * box.width / fig.dpi)
+    return fig.legend(handles, names, loc="outside right upper", ncols=ncols, **kw)
+
+
 def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc", se: bool = False):
     families: dict[str, list[int]] = {}
     for s in runs.ood_sets():
@@ -327,8 +342,8 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc", 
     handles, names = axes[0].get_legend_handles_labels()
     if not handles:
         return None, "no finished run reports every severity"
-    fig.legend(handles, names, loc="outside right upper", fontsize=9, frameon=False,
-               title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
+    _legend_that_fits(fig, handles, names, fontsize=9, frameon=False,
+                      title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
     fig.suptitle("Accuracy against corruption severity", fontsize=12)
     return fig, None
 
