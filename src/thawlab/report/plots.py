@@ -8,7 +8,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thawlab.report.runs import FORMATS, Run, Runs
+from thawlab.report.runs import FORMATS, Run, Runs, selection_words
 from thawlab.report.stats import ERFit, clip, effective_robustness, id_ood, logit, samples, sigmoid
 
 @dataclass
@@ -188,16 +188,6 @@ def _wise_points(run: Run) -> list[tuple[float, float, float]]:
     return out
 
 
-def _selection_words(selection: dict | None) -> str:
-    """results.json `selection` in words: 'last epoch of phase ft', 'max val/id/acc within phase ft'."""
-    sel = selection or {}
-    rule, phases = sel.get("rule") or "selected on ID validation", sel.get("phases")
-    if not phases:
-        return rule + " over the whole run"
-    where = f"phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}"
-    return f"last epoch of {where}" if rule == "last epoch" else f"{rule} within {where}"
-
-
 def wise_markdown(runs: Runs, label: str, metric: str = "acc", se: bool = False) -> str | None:
     """The WiSE-FT curve of one row as a table: per alpha, mean ± std (s.e. with se) over seeds of ID, each OOD
     set and the
@@ -216,7 +206,7 @@ def wise_markdown(runs: Runs, label: str, metric: str = "acc", se: bool = False)
     better = (lambda d: d > 0) if metric == "acc" else (lambda d: d < 0)
     head = ["alpha", *[("ID" if s == "id" else "OOD " + s.removeprefix("ood/")) for s in sets]]
     # θ_ft is the run's selected checkpoint: say how it was selected (wise_ft: the end of fine-tuning)
-    rules = sorted({_selection_words(r.selection) for r in done})
+    rules = sorted({selection_words(r) for r in done})
     lines = [f"**WiSE-FT curve of {runs.name(label)}.** Test {metric} (%), mean ± {_spread_name(se)} over "
              f"{len(done)} seeds, of "
              f"(1 − α) θ₀ + α θ_ft (θ₀: pretrained body + linear-probe head; θ_ft: the fine-tuned checkpoint, "

@@ -45,6 +45,19 @@ class ReportError(Exception):
         self.code = code
 
 
+def selection_words(run: "Run") -> str:
+    """How a run's tested checkpoint was chosen, in words, from results.json `selection` and the schedule's
+    `select_phases`: 'max val/id/acc over the whole run', 'max val/id/acc within phase ft', 'last epoch of phase
+    ft'. Runs written before selection named its phases read as the whole run."""
+    sel = run.selection or {}
+    rule = sel.get("rule") or "unknown rule"
+    phases = sel.get("phases") if (run.config.get("schedule") or {}).get("select_phases") else None
+    if not phases:
+        return f"{rule} over the whole run"
+    where = f"phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}"
+    return f"last epoch of {where}" if rule == "last epoch" else f"{rule} within {where}"
+
+
 # ----------------------------------------------------------------------------------------------------- loading
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from thawlab.results import RESULTS
-from thawlab.report.runs import METRICS, ReportError, Run, Runs
+from thawlab.report.runs import METRICS, ReportError, Run, Runs, selection_words
 from thawlab.report.stats import ERFit, effective_robustness
 
 @dataclass
@@ -249,14 +249,14 @@ def _tex_num(s: str) -> str:
 
 
 def _rules(runs: list[Run]) -> str:
-    rules: dict[str, int] = {}
+    rules: dict[str, list] = {}
     for r in runs:
         if r.done:
-            rule = (r.selection or {}).get("rule") or "unknown"
-            rules[rule] = rules.get(rule, 0) + 1
+            rule = selection_words(r)
+            rules.setdefault(rule, []).append(r)
     if len(rules) == 1:
         return f"the checkpoint selected by {next(iter(rules))}"
-    return "checkpoints selected by " + "; ".join(f"{k} ({v} runs)" for k, v in rules.items())
+    return "checkpoints selected by " + "; ".join(f"{k} ({len(v)} runs)" for k, v in rules.items())
 
 
 def notes(runs: Runs, labels: list[str]) -> list[str]:
@@ -335,7 +335,7 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
               f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
               f"({', '.join(map(str, seeds))}: every seed seen in these runs)")
     caption = (f"Test {what} (ID, each OOD set and their mean; ECE on the ID test set in %) of "
-               f"{_rules(runs.runs)} on ID validation, mean ± {spread} over seeds. "
+               f"{_rules(runs.runs)}, mean ± {spread} over seeds. "
                f"{n_text}; a failed or missing run is a gap, never averaged away. Bold: per column the best mean "
                f"(lower NLL and ECE, higher accuracy and eff. robustness) and every mean within the best one's "
                f"{'s.e.' if se else 'std'} of it. {rows_text} {_er_caption(fit)}")
