@@ -12,7 +12,8 @@ thawlab never lets Lightning start processes:
   never joins a process group, so nothing (environment variables, process groups, W&B runs) outlives the job.
 - Started by a cluster (SLURM, or submitit's local twin, with one task per device): each task is a rank; the
   job runs in place and Lightning reads SLURM's variables (for submitit_local thawlab exports
-  MASTER_ADDR/RANK/... from submitit's job environment).
+  MASTER_ADDR/RANK/... from submitit's job environment). Global rank 0 prepares the data while the others
+  wait for its marker in the job directory (prepare_once).
 
 A rank that fails writes its error to `ranks/rank<k>.error` and exits non-zero. Its peers fail on their next
 collective (gloo: at once, "connection closed by peer"; NCCL: at the process-group timeout, `ddp.timeout_s`);
@@ -146,7 +147,9 @@ def prepare_once(cfg: DictConfig, run_dir: Path, prepare: Callable[[], None]) ->
     prepare_data barrier: a download takes what it takes. If rank 0 fails, the marker says why and every rank
     fails with that line. The marker is named after the job's attempt (SLURM job id and restart count), so a
     requeued job never reads the marker of its earlier attempt."""
-    by_cluster = world_size(cfg) > 1 and started_by_cluster()  # first: it sets RANK under submitit's local twin
+    # started_by_cluster first: it sets RANK under submitit's local twin. Ranks thawlab started (THAWLAB_RANK_OF)
+    # look cluster-started too (LOCAL_RANK, WORLD_SIZE), but their supervisor has prepared already
+    by_cluster = world_size(cfg) > 1 and started_by_cluster() and not os.environ.get("THAWLAB_RANK_OF")
     rank = global_rank()
     if not by_cluster:
         if rank == 0:
@@ -175,7 +178,8 @@ def prepare_once(cfg: DictConfig, run_dir: Path, prepare: Callable[[], None]) ->
 
 
 def _attempt() -> str:
-    """What names one attempt of a job alike on all its tasks (and differently on a requeue)."""
+    """What names one attempt of a job alike on all its tasks (and differently on a requeue). Exact under
+    SLURM and submitit; under torchrun, only as unique as its run id (--rdzv-id) or the main port."""
     env = os.environ
     if "SLURM_JOB_ID" in env:
         return f"slurm{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}"
