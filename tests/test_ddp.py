@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,9 +132,74 @@ def test_submitit_local_runs_each_task_as_a_rank(tmp_path, cache_dir):
     assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
+def test_submitit_local_prepares_the_data_once_per_job(tmp_path):
+    """Under a cluster launcher each task is a rank: global rank 0 prepares the data (downloads), once, and the
+    other rank sets up only after it finished; Lightning's fit and test do not prepare again."""
+    sweep, log = tmp_path / "sweep", tmp_path / "prepare.log"
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    r = cli("-m", *DDP, "logger=none", "backbone.pretrained=false", "data._target_=counting_data.CountingDigits",
+            "hydra/launcher=submitit_local_ddp", f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=str(tmp_path),
+            env={"PYTHONPATH": path, "THAWLAB_TEST_PREPARE_LOG": str(log)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (job,) = _jobs(sweep).values()
+    assert read_results(job)["distributed"]["world_size"] == 2
+    calls = [line.split() for line in log.read_text().splitlines()]
+    prepared = [c for c in calls if c[0] == "prepare"]
+    assert [c[1] for c in prepared] == ["0"], calls  # once, by rank 0
+    setups = [c for c in calls if c[0] == "setup"]
+    assert {c[1] for c in setups} == {"0", "1"}, calls
+    assert all(float(c[2]) > float(prepared[0][2]) for c in setups), calls  # the others waited for it
+    assert len(list((job / "ranks").glob("prepared-*.json"))) == 1
+
+
+_RANK = """
+import sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from thawlab.errors import ThawlabError
+from thawlab.ranks import prepare_once
+run_dir, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
+def prepare():
+    time.sleep(1.0)
+    if fail:
+        raise ThawlabError("data.root=/nowhere: no such directory")
+    (run_dir / "data").write_text("downloaded")
+try:
+    prepare_once(OmegaConf.create({"trainer": {"devices": 2, "accelerator": "cpu"}}), run_dir, prepare)
+except ThawlabError as e:
+    print(e); sys.exit(2)
+print("saw", (run_dir / "data").read_text())
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_cluster_ranks_wait_for_rank_0_to_prepare(tmp_path, fail):
+    """SLURM tasks: rank 1, started first, returns only once rank 0 has prepared, and fails with rank 0's error;
+    a marker left by an earlier attempt of the job (a requeue: another restart count) is not taken for this one."""
+    (tmp_path / "ranks").mkdir()
+    (tmp_path / "ranks" / "prepared-slurm77.0.json").write_text('{"ok": true}')  # the earlier attempt's
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1", "SLURM_NTASKS": "2"}
+    env.pop("RANK", None)
+    run = lambda k: subprocess.Popen([sys.executable, "-c", _RANK, str(tmp_path), "fail" if fail else "ok"],  # noqa
+                                     env={**env, "SLURM_PROCID": str(k)}, stdout=subprocess.PIPE, text=True)
+    waiting = run(1)
+    time.sleep(1.0)
+    assert waiting.poll() is None, "rank 1 did not wait"
+    first = run(0)
+    outs = [p.communicate(timeout=60)[0] for p in (first, waiting)]
+    if fail:
+        assert [first.returncode, waiting.returncode] == [2, 2], outs
+        assert outs[1].strip() == "rank 0 could not prepare the data: data.root=/nowhere: no such directory"
+    else:
+        assert [first.returncode, waiting.returncode] == [0, 0] and outs == ["saw downloaded\n"] * 2, outs
+
+
 @pytest.mark.parametrize("override, named", [
     ("trainer.devices=64", "trainer.devices=64"),
     ("trainer.strategy=fsdp", "trainer.strategy='fsdp'"),
+    # torch's SyncBatchNorm refuses CPU tensors (torch 2.14): said before anything starts, not in a rank
+    ("trainer.sync_batchnorm=true", "trainer.sync_batchnorm=true"),
 ])
 def test_bad_ddp_input_is_one_line(tmp_path, cache_dir, override, named):
     r = cli(*DDP, "logger=none", override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, cache=cache_dir)

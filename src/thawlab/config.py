@@ -190,6 +190,9 @@ class TrainerConfig:
     # clip gradients to this norm (or value: gradient_clip_algorithm)
     gradient_clip_val: Optional[float] = num(None, "(0, inf)", "null: no clipping")
     gradient_clip_algorithm: str = "norm"  # norm (total 2-norm of the trainable gradients) | value
+    # DDP: BatchNorm layers as torch's SyncBatchNorm (batch statistics over every rank's samples). GPUs only:
+    # torch's SyncBatchNorm refuses CPU tensors, so on a CPU with several processes it is a config error
+    sync_batchnorm: bool = False
 
 
 @dataclass

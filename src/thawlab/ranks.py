@@ -12,7 +12,8 @@ thawlab never lets Lightning start processes:
   never joins a process group, so nothing (environment variables, process groups, W&B runs) outlives the job.
 - Started by a cluster (SLURM, or submitit's local twin, with one task per device): each task is a rank; the
   job runs in place and Lightning reads SLURM's variables (for submitit_local thawlab exports
-  MASTER_ADDR/RANK/... from submitit's job environment).
+  MASTER_ADDR/RANK/... from submitit's job environment). Global rank 0 prepares the data while the others
+  wait for its marker in the job directory (prepare_once).
 
 A rank that fails writes its error to `ranks/rank<k>.error` and exits non-zero. Its peers fail on their next
 collective (gloo: at once, "connection closed by peer"; NCCL: at the process-group timeout, `ddp.timeout_s`);
@@ -74,6 +75,11 @@ def check(cfg: DictConfig) -> None:
     if n > 1 and strategy not in ("auto", "ddp"):
         raise ThawlabError(f"trainer.strategy={strategy!r}: thawlab runs multi-device jobs with ddp (its own "
                            f"launcher); use trainer=ddp")
+    if n > 1 and accel == "cpu" and cfg.trainer.get("sync_batchnorm"):
+        # torch's SyncBatchNorm raises in the first training step on CPU tensors (torch 2.14: "expected input
+        # tensor to be on GPU"); said here, before anything runs. One process has nothing to synchronise.
+        raise ThawlabError("trainer.sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only, not on "
+                           "trainer.accelerator=cpu with several processes (use GPUs, or sync_batchnorm=false)")
 
 
 def _accelerator(name: str) -> str:
@@ -129,6 +135,57 @@ def _export_submitit_local() -> None:
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(job_id) % 40000),
                WORLD_SIZE=env["SUBMITIT_LOCAL_NTASKS"], RANK=env["SUBMITIT_LOCAL_GLOBALID"],
                LOCAL_RANK=env["SUBMITIT_LOCAL_LOCALID"], NODE_RANK=env.get("SUBMITIT_LOCAL_NODEID", "0"))
+
+
+def prepare_once(cfg: DictConfig, run_dir: Path, prepare: Callable[[], None]) -> None:
+    """Run prepare() (data download and checks, the pretraining cache) once per job, before any rank trains.
+
+    Single processes and ranks thawlab started: rank 0 (the supervisor has prepared before starting them).
+    Ranks a cluster started (SLURM tasks, submitit): global rank 0 prepares and leaves a marker in the job's
+    directory, which SLURM's tasks share; the other ranks wait for it, on every node (a cluster's data root is
+    a shared file system: one download serves every node). Waiting has no time limit, as Lightning's own
+    prepare_data barrier: a download takes what it takes. If rank 0 fails, the marker says why and every rank
+    fails with that line. The marker is named after the job's attempt (SLURM job id and restart count), so a
+    requeued job never reads the marker of its earlier attempt."""
+    # started_by_cluster first: it sets RANK under submitit's local twin. Ranks thawlab started (THAWLAB_RANK_OF)
+    # look cluster-started too (LOCAL_RANK, WORLD_SIZE), but their supervisor has prepared already
+    by_cluster = world_size(cfg) > 1 and started_by_cluster() and not os.environ.get("THAWLAB_RANK_OF")
+    rank = global_rank()
+    if not by_cluster:
+        if rank == 0:
+            prepare()
+        return
+    marker = run_dir / "ranks" / f"prepared-{_attempt()}.json"
+    if rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        state: dict = {"ok": False, "error": "rank 0 stopped while preparing"}
+        try:
+            prepare()
+            state = {"ok": True}
+        except BaseException as e:
+            state["error"] = f"{e}".splitlines()[0] if isinstance(e, ThawlabError) else f"{type(e).__name__}: {e}"
+            raise
+        finally:  # atomically: a waiting rank never reads half a file
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(marker)
+        return
+    while not marker.exists():
+        time.sleep(POLL_S)
+    state = json.loads(marker.read_text())
+    if not state["ok"]:
+        raise ThawlabError(f"rank 0 could not prepare the data: {state['error']}")
+
+
+def _attempt() -> str:
+    """What names one attempt of a job alike on all its tasks (and differently on a requeue). Exact under
+    SLURM and submitit; under torchrun, only as unique as its run id (--rdzv-id) or the main port."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env:
+        return f"slurm{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    if "SUBMITIT_LOCAL_JOB_ID" in env:
+        return f"local{env['SUBMITIT_LOCAL_JOB_ID']}"
+    return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}.{env.get('MASTER_PORT', '')}"
 
 
 def must_start_ranks(cfg: DictConfig) -> int:

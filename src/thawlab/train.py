@@ -139,8 +139,12 @@ def run(cfg: DictConfig, job: dict) -> dict:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         L.seed_everything(cfg.seed, workers=True, verbose=rank == 0)
         dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)  # bad data options fail before pretraining
-        if rank == 0:
-            dm.prepare_data()  # downloads (data.download=true) in one process; a DDP supervisor did it already
+        # downloads (data.download=true) and checks files in one process of the job (a DDP supervisor did it
+        # already; rank 0 checks again). The pretraining cache below is filled once under its own file lock.
+        ranks.prepare_once(cfg, run_dir, dm.prepare_data)
+        # Lightning's fit and test call prepare_data again on each node's first rank, and RealImageSets.setup on
+        # every rank: the job's data are prepared, so those calls have nothing left to do
+        dm.prepare_data = _prepared
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
             pretrained = str(source_weights(cfg))
@@ -186,6 +190,10 @@ def run(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def _prepared() -> None:
+    """A data module's prepare_data once thawlab.ranks.prepare_once has run it for the job."""
 
 
 def early_stopping_report(cfg: DictConfig, module) -> dict:
