@@ -23,7 +23,7 @@ demo: $(STAMP)
 	WANDB_SILENT=true $(BIN)/thawlab-train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=12 $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache dist build
