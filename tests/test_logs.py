@@ -33,7 +33,8 @@ def test_piped_output_and_train_log_hold_full_tables_and_each_line_once(tmp_path
 
     log = (run_dir / "train.log").read_text()
     assert header in log.splitlines() and row in log.splitlines(), "the partition table in train.log"
-    assert "test metrics (checkpoint selected on val/id/acc)" in log and "│ ood/mean " in log
+    assert "test metrics (checkpoint selected by max val/id/acc over head, unfreeze1, " in log
+    assert "│ ood/mean " in log
     assert "trainable parameters in unfreeze3" in log and f"results: {run_dir / 'results.json'}" in log
     # Lightning's INFO lines: once on the terminal (not also through Lightning's own handler), once in the log
     for line in ("Seed set to 0", "GPU available: False", "`Trainer.fit` stopped: `max_epochs=4` reached."):
