@@ -23,7 +23,7 @@ from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
-from thawlab.selection import SELECT, SelectCheckpoint  # noqa: F401  (SELECT: build.SELECT for callers)
+from thawlab.selection import SELECT, SelectCheckpoint
 
 WIDE = 240  # columns of output that is not a terminal (a pipe, a SLURM log): rich's default 80 cuts tables
 

@@ -50,10 +50,6 @@ OPTIMIZERS = {
 }
 
 
-def _scaled(scale: float, factor, step: int) -> float:
-    return scale * factor(step)
-
-
 class PhaseScheduler(torch.optim.lr_scheduler.LambdaLR):
     """LambdaLR (one lr function per named group) that also sets each step's momentum: Adam's beta1 or SGD's
     momentum, which fastai's one-cycle cycles against the lr (schedules.momentum_at)."""
@@ -318,8 +314,8 @@ class FineTuner(L.LightningModule):
         opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         shape = {"name": c["schedule"], **{k: c.get(k) for k in SHAPE_KEYS}}
-        lambdas = [functools.partial(_scaled, g["layer_decay_scale"], functools.partial(
-            lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape)) for g in groups]
+        lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape,
+                                     scale=g["layer_decay_scale"]) for g in groups]
         momentum = functools.partial(momentum_at, self.phases, steps_per_epoch=steps_per_epoch, shape=shape)
         sched = PhaseScheduler(opt, lambdas, momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

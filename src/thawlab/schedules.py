@@ -277,15 +277,17 @@ def shape_at(t: int, total: int, shape: dict, steps_per_epoch: int) -> float:
     raise ThawlabError(f"optimizer.schedule={name!r} is not one of {', '.join(LR_SHAPES)}")
 
 
-def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, shape: dict) -> float:
-    """Multiplier of the base lr for `group` at optimizer step `step`: 0 while the group is frozen, else its
-    phase multiplier times the phase's lr shape (optimizer.schedule, overridden by the phase's own)."""
+def lr_factor(phases: list[Phase], group: str, step: int, steps_per_epoch: int, shape: dict,
+              scale: float = 1.0) -> float:
+    """Multiplier of the base lr for `group` at optimizer step `step`: 0 while the group is frozen, else `scale`
+    (a parameter's timm layer-decay scale) times its phase multiplier times the phase's lr shape
+    (optimizer.schedule, overridden by the phase's own)."""
     _, phase, start = phase_at(phases, step // steps_per_epoch)
     if group not in phase.trainable:
         return 0.0
     t = step - start * steps_per_epoch
-    return phase.lr_mult.get(group, 1.0) * shape_at(t, phase.epochs * steps_per_epoch, {**shape, **phase.shape},
-                                                    steps_per_epoch)
+    return scale * (phase.lr_mult.get(group, 1.0) * shape_at(t, phase.epochs * steps_per_epoch,
+                                                             {**shape, **phase.shape}, steps_per_epoch))
 
 
 def momentum_at(phases: list[Phase], step: int, steps_per_epoch: int, shape: dict, default: float) -> float:
