@@ -3,55 +3,20 @@ from it, FLYP. Every model here is a tiny OpenCLIP config (32 px, width 32-64, 1
 initialisation and saved to a local file: nothing is downloaded."""
 from __future__ import annotations
 
-import json
 import subprocess
-from pathlib import Path
 
 import lightning as L
 import open_clip
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from clip_fixtures import NAMES, PROMPTS, TEMPLATES, tiny_clip  # noqa: F401 (a fixture)
 from conftest import BASE, TRAIN, KillAfter, Killed, add_callbacks, compose_cfg
 from thawlab import backbone as bb
 from thawlab import clip
 from thawlab.build import build_net, check_config
 from thawlab.errors import ThawlabError
 from thawlab.zeroshot import ZeroShotHead
-
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-TINY = {  # OpenCLIP model configs: one per kind of image tower
-    "thawlab-test-vit": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
-                                                         "head_width": 32}, "text_cfg": TEXT},
-    "thawlab-test-rn": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16,
-                                                        "head_width": 16}, "text_cfg": TEXT},
-    "thawlab-test-timm": {"embed_dim": 32, "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
-                                                          "timm_pool": "", "timm_proj": "linear", "image_size": 32},
-                          "text_cfg": TEXT},
-}
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-TEMPLATES = ["a photo of the number {}.", "a drawing of a {}.", "the digit {}"]
-PROMPTS = [f"data.classnames=[{','.join(NAMES)}]", "data.templates=['a photo of the number {}.','a drawing of a {}.']"]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> dict[str, str]:
-    """{model name: a local weights file of it, from a seeded random initialisation}, the configs registered."""
-    folder = tmp_path_factory.mktemp("clip")
-    for name, cfg in TINY.items():
-        (folder / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    files = {}
-    for name in TINY:
-        torch.manual_seed(0)
-        model = open_clip.create_model(name)
-        with torch.no_grad():  # a logit scale other than the init's: the head must use the model's own
-            model.logit_scale.fill_(2.5)
-        files[name] = str(folder / f"{name}.pt")
-        torch.save(model.state_dict(), files[name])
-    return files
-
 
 def clip_args(tiny_clip, name="thawlab-test-vit") -> list[str]:
     return [f"backbone.name=open_clip:{name}", f"backbone.pretrained={tiny_clip[name]}", *PROMPTS]
@@ -239,3 +204,17 @@ def test_a_bad_open_clip_name_exits_2_with_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("thawlab-train: error: unknown OpenCLIP model")
     assert "Traceback" not in p.stderr
+
+
+def test_data_configs_name_their_classes_and_clip_templates():
+    """ImageNet: OpenCLIP's own class names and OpenAI's 80 templates; CIFAR-10: its classes in label order."""
+    imagenet = compose_cfg([*BASE, "data=imagenet"]).data
+    assert list(imagenet.classnames) == list(open_clip.IMAGENET_CLASSNAMES)
+    assert list(imagenet.templates) == [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    from thawlab.data.cifar import CLASSES
+
+    for data in ("cifar10", "cifar10c"):
+        cfg = compose_cfg([*BASE, f"data={data}"]).data
+        assert len(cfg.classnames) == 10 and len(cfg.templates) == 18
+        assert tuple(cfg.classnames) == CLASSES
+    assert compose_cfg([*BASE, "data=imagefolder"]).data.classnames is None  # the folder names
