@@ -4,6 +4,7 @@ initialisation and saved to a local file: nothing is downloaded."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import lightning as L
 import open_clip
@@ -16,6 +17,7 @@ from thawlab import backbone as bb
 from thawlab import clip
 from thawlab.build import build_net, check_config
 from thawlab.errors import ThawlabError
+from thawlab.results import read_results
 from thawlab.zeroshot import ZeroShotHead
 
 def clip_args(tiny_clip, name="thawlab-test-vit") -> list[str]:
@@ -218,3 +220,40 @@ def test_data_configs_name_their_classes_and_clip_templates():
         assert len(cfg.classnames) == 10 and len(cfg.templates) == 18
         assert tuple(cfg.classnames) == CLASSES
     assert compose_cfg([*BASE, "data=imagefolder"]).data.classnames is None  # the folder names
+
+
+def test_ddp_flyp_keeps_ranks_identical_and_equals_one_process(tmp_path, cache_dir, tiny_clip):
+    """FLYP on 2 CPU processes (gloo; the contrastive loss gathers both ranks' features): the ranks end with the
+    same weights, both towers moved, and the test metrics equal the selected checkpoint evaluated in one process.
+    The tiny model configs reach the rank processes through $THAWLAB_CLIP_CONFIGS."""
+    from omegaconf import OmegaConf
+
+    from conftest import cli
+    from test_ddp import DDP
+
+    folder = str(Path(tiny_clip["thawlab-test-vit"]).parent)
+    run_dir = tmp_path / "run"
+    r = cli(*DDP, "logger=none", *clip_args(tiny_clip), "head=zeroshot", "schedule=flyp", "trainer.max_epochs=2",
+            "trainer.limit_test_batches=null", f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir,
+            env={clip.CONFIGS_ENV: folder})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = read_results(run_dir)
+    ranks = res["distributed"]["ranks"]
+    assert ranks[0]["weights"] == ranks[1]["weights"], "ranks diverged"
+    assert {"stem", "top", "text"} <= set(ranks[0]["changed"]) and "head" not in ranks[0]["changed"]
+    assert res["counts"]["test/id"] == 360 and "test/zeroshot/id/acc" in res["metrics"]
+    one = _evaluate_in_one_process(OmegaConf.create(res["config"]), run_dir / res["selection"]["checkpoint"])
+    for key, value in one.items():
+        assert res["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def _evaluate_in_one_process(cfg, checkpoint: Path) -> dict[str, float]:
+    from thawlab.build import build_datamodule, build_module, build_trainer
+
+    dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
+    net, dm.preprocess = build_net(cfg, dm.num_classes, cfg.backbone.pretrained)
+    module = build_module(cfg, net, dm)
+    trainer = build_trainer(cfg.trainer, None, False, devices=1, num_nodes=1, strategy="auto",
+                            enable_progress_bar=False)
+    trainer.test(module, datamodule=dm, ckpt_path=str(checkpoint), verbose=False)
+    return module.computed["test"]

@@ -308,9 +308,16 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     head_trained = bool(getattr(net.head, "starts_trained", False) or cfg.head.get("pretrained"))
     phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs,
                                               cfg.optimizer.layer_decay, head_trained=head_trained)
-    if any(p.loss == "contrastive" for p in phases) and not callable(getattr(net.head, "refresh", None)):
-        raise ThawlabError(f"schedule={cfg.schedule.name} trains with CLIP's contrastive loss and is evaluated "
-                           f"with the zero-shot head of the updated text tower: use head=zeroshot")
+    if any(p.loss == "contrastive" for p in phases):
+        if not callable(getattr(net.head, "refresh", None)):
+            raise ThawlabError(f"schedule={cfg.schedule.name} trains with CLIP's contrastive loss and is evaluated "
+                               f"with the zero-shot head of the updated text tower: use head=zeroshot")
+        r = cfg.regularization
+        if r.mixup or r.cutmix or r.label_smoothing:
+            raise ThawlabError(f"schedule={cfg.schedule.name}: its contrastive loss pairs each image with a prompt "
+                               f"of its class; regularization.mixup={r.mixup}, cutmix={r.cutmix} and "
+                               f"label_smoothing={r.label_smoothing} act on a cross-entropy over class targets "
+                               f"and would be ignored: set them to 0")
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
                      regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
@@ -409,9 +416,11 @@ def print_partition(net: ThawNet, phases) -> None:
     for p in phases:
         trains = net.trains(p)
         inside = sum(v for n, v in sizes.items() if trains[n] and n.startswith("backbone."))
-        head = sum(v for n, v in sizes.items() if trains[n] and not n.startswith("backbone."))
-        console.print(f"trainable parameters in {p.name}: {inside + head:,} = {inside:,} in the backbone "
-                      f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head")
+        head = sum(v for n, v in sizes.items() if trains[n] and n.startswith("head."))
+        text = sum(v for n, v in sizes.items() if trains[n] and n.startswith("text."))  # a CLIP text tower
+        console.print(f"trainable parameters in {p.name}: {inside + head + text:,} = {inside:,} in the backbone "
+                      f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head"
+                      + (f" + {text:,} in the text tower" if text else ""))
 
 
 def print_metrics(metrics: dict[str, float], stage: str = "test", selected: str = f"on {SELECT[0]}") -> None:

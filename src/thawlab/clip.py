@@ -42,14 +42,21 @@ def model_name(name: str) -> str:
     return str(name)[len(PREFIX):]
 
 
+CONFIGS_ENV = "THAWLAB_CLIP_CONFIGS"  # more folders of OpenCLIP model configs (os.pathsep-separated)
+
+
 def register_configs() -> None:
-    """Every OpenCLIP model config shipped in thawlab/clip_configs/ (the embedded small CLIP), registered
-    before any model is named or created. add_model_config rescans the folder: once is enough."""
+    """Every OpenCLIP model config shipped in thawlab/clip_configs/ (the embedded small CLIP) and in the folders
+    of $THAWLAB_CLIP_CONFIGS (a user's own model configs; an environment variable, so DDP rank processes and
+    launcher workers see them too), registered before any model is named or created, each folder once."""
     import open_clip
 
-    if CONFIGS.is_dir() and not getattr(register_configs, "done", False):
-        open_clip.add_model_config(CONFIGS)
-        register_configs.done = True
+    done = register_configs.__dict__.setdefault("done", set())
+    folders = [CONFIGS, *(Path(p) for p in os.environ.get(CONFIGS_ENV, "").split(os.pathsep) if p)]
+    for folder in folders:
+        if folder.is_dir() and str(folder) not in done:
+            open_clip.add_model_config(folder)
+            done.add(str(folder))
 
 
 def check_name(name: str) -> None:
@@ -63,16 +70,16 @@ def check_name(name: str) -> None:
 
 
 def check_input_size(name: str, img_size: int) -> None:
-    """A ViT tower's position embedding fixes its input size: a different data.img_size fails at the first
-    forward. One line before anything starts, naming the size it takes."""
+    """A ViT tower's position embedding (and a ModifiedResNet's attention pool's) fixes its input size: a
+    different data.img_size fails at the first forward. One line before anything starts, naming the size it
+    takes. timm-trunk towers are left to their own checks at the first forward."""
     import open_clip
 
     register_configs()
     vision = (open_clip.get_model_config(model_name(name)) or {}).get("vision_cfg", {})
     size = vision.get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    if vision.get("timm_model_name") is None and not isinstance(vision.get("layers"), (list, tuple)) \
-            and int(size) != int(img_size):
+    if vision.get("timm_model_name") is None and int(size) != int(img_size):
         raise ThawlabError(f"backbone.name={name} takes {size}x{size} inputs only (its position embedding), "
                            f"data.img_size={img_size}: pass data.img_size={size}")
 
