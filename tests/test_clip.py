@@ -112,6 +112,11 @@ def test_every_schedule_runs_and_leaves_the_text_tower_bitwise_as_loaded(run, ti
         assert {"thawlab_head.fc.weight", "thawlab_head.fc.bias"} <= set(exported)
     elif case not in ("lora", "reft"):  # those train their own parameters, the tower's stay as loaded
         assert changed, case
+    if case == "lora":  # every adapter ran and trained (B starts at zero): no wrapper that is never called
+        state = torch.load(r["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        b = {k: v for k, v in state.items() if "lora_B" in k}
+        assert b and all(v.abs().sum() > 0 for v in b.values()), [k for k, v in b.items() if v.abs().sum() == 0]
+        assert all(".mlp." in k for k in b)  # c_fc, c_proj: attention's projections are nn.MultiheadAttention's
     assert {"test/zeroshot/id/acc", "test/zeroshot/ood/printed/acc"} <= set(r["metrics"])
 
 
