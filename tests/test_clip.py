@@ -183,6 +183,7 @@ def test_flyp_resumed_mid_run_equals_an_uninterrupted_run(run, tiny_clip, monkey
     (["backbone.name=resnet18", "head=zeroshot"], r"head=zeroshot needs a CLIP text tower.*timm model"),
     (["head=zeroshot", "head.templates=[a photo]"], r"head.templates: template 'a photo' has no \{\}"),
     (["backbone.name=open_clip:ViT-B-16", "data.img_size=32"], r"takes 224x224 inputs only.*data.img_size=224"),
+    (["backbone.drop_path_rate=0.1"], r"timm.create_model arguments: an OpenCLIP model"),
 ])
 def test_bad_clip_config_is_one_line(tiny_clip, overrides, message):
     cfg = compose_cfg([*BASE, *clip_args(tiny_clip), *overrides])

@@ -131,6 +131,10 @@ def check_config(cfg: DictConfig) -> None:
     if openclip.is_clip(cfg.backbone.name):
         openclip.check_name(cfg.backbone.name)
         openclip.check_input_size(cfg.backbone.name, cfg.data.img_size)
+        if cfg.backbone.kwargs or cfg.backbone.get("drop_path_rate"):
+            raise ThawlabError(f"backbone.kwargs={OmegaConf.to_container(cfg.backbone.kwargs)} and "
+                               f"backbone.drop_path_rate={cfg.backbone.drop_path_rate} are timm.create_model "
+                               f"arguments: an OpenCLIP model ({cfg.backbone.name}) takes its own config")
     else:
         bb.check_name(cfg.backbone.name)
         bb.check_input_size(cfg.backbone.name, backbone_kwargs(cfg), cfg.data.img_size)
