@@ -196,6 +196,7 @@ def classnames_of(cfg: DictConfig, dm) -> list[str] | None:
     """data.classnames, else the data set's own class names (imagefolder: its folder names, in label order)."""
     if cfg.data.get("classnames") is not None:
         return list(cfg.data.classnames)
+    _ = dm.num_classes  # a data set on disk reads its class folders on first use
     classes = getattr(dm, "classes", None)
     if isinstance(classes, dict):
         return [c for c, _ in sorted(classes.items(), key=lambda kv: kv[1])]
