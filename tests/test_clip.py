@@ -277,3 +277,16 @@ def test_an_image_folder_names_its_classes_after_its_folders(tmp_path, tiny_clip
     cfg = compose_cfg([*BASE, "data=imagefolder", f"data.root={tmp_path / 'f'}", "data.ood=null"])
     dm = build_datamodule(cfg.data, None)
     assert classnames_of(cfg, dm) == sorted(FOLDER_CLASSES) and dm.num_classes == len(FOLDER_CLASSES)
+
+
+@pytest.mark.parametrize("name", ["thawlab-test-rn", "thawlab-test-timm"])
+def test_resnet_and_timm_towers_train_through_a_schedule(run, tiny_clip, name):
+    """The other tower kinds through gradual unfreezing with layer decay: every group trains in turn, BatchNorm
+    of the ModifiedResNet's frozen groups stays in eval mode, the text tower as loaded."""
+    r = run(*clip_args(tiny_clip, name), "head=zeroshot", "schedule=gradual", "schedule.interval=1",
+            "optimizer.layer_decay=0.8", "trainer.max_epochs=3")
+    top, below = {"thawlab-test-rn": ("attnpool", "layer4.0"), "thawlab-test-timm": ("head.proj", "trunk")}[name]
+    assert [t["trainable_groups"] for t in r["trace"]] == [["head"], [top, "head"], [below, top, "head"]]
+    loaded = torch.load(tiny_clip[name], weights_only=True)
+    _, text = _towers(r)
+    assert all(torch.equal(v, loaded[k]) for k, v in text.items())
