@@ -163,8 +163,12 @@ def test_flyp_trains_both_towers_and_evaluates_with_the_recomputed_zero_shot_hea
     assert not torch.allclose(recomputed, build_net(cfg, 10, tiny_clip["thawlab-test-vit"])[0].head.fc.weight)
 
 
-def test_flyp_resumed_mid_run_equals_an_uninterrupted_run(run, tiny_clip, monkeypatch):
-    args = [*clip_args(tiny_clip), "head=zeroshot", "schedule=flyp", "trainer.max_epochs=3"]
+@pytest.mark.parametrize("schedule", [["schedule=flyp"], ["schedule=wise_ft", "schedule.alphas=[0.0,0.5,1.0]"]],
+                         ids=["flyp", "wise_ft"])
+def test_resumed_mid_run_equals_an_uninterrupted_run(run, tiny_clip, monkeypatch, schedule):
+    """FLYP (both towers, the recomputed head) and WiSE-FT from the zero-shot model (theta_0 taken at epoch 0,
+    carried by the checkpoints): killed after epoch 1, resumed, the same weights, metrics and curve."""
+    args = [*clip_args(tiny_clip), "head=zeroshot", *schedule, "trainer.max_epochs=3"]
     whole = run(*args)
     with monkeypatch.context() as m:
         add_callbacks(m, KillAfter(1))
@@ -174,7 +178,7 @@ def test_flyp_resumed_mid_run_equals_an_uninterrupted_run(run, tiny_clip, monkey
     a = torch.load(whole["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(resumed["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
-    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["metrics"] == whole["metrics"] and resumed.get("wise") == whole.get("wise")
 
 
 # ---- bad input: one line each ----------------------------------------------------------------------------------
