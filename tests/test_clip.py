@@ -89,6 +89,7 @@ SCHEDULES = {
     "lora": ["schedule=lora", "schedule.rank=2"],
     "reft": ["schedule=reft", "schedule.rank=2"],
     "lp_ft": ["schedule=lp_ft", "cache_features=true"],
+    "fine_tune": ["schedule=fine_tune"],
 }
 
 
