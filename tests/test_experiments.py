@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import open_clip
 import pytest
 from omegaconf import OmegaConf
 
+from clip_fixtures import tiny_clip  # noqa: F401 (a fixture)
 from conftest import compose_cfg
-from thawlab import schedules
+from thawlab import clip, schedules
 from thawlab.build import build_datamodule, build_net, check_config
 from thawlab.errors import ThawlabError
 
@@ -26,20 +28,36 @@ def compose_experiment(path: Path, *overrides: str):
 def test_every_paper_has_full_scale_configs_for_its_shifts():
     names = {p.stem for p in FULL_SCALE}
     assert {"lp_ft_cifar10", "lp_ft_imagenet", "wise_ft_cifar10", "wise_ft_imagenet", "surgical_cifar10c",
-            "ulmfit_cifar10", "l2sp_cifar10", "peft_cifar10"} <= names, names
+            "ulmfit_cifar10", "l2sp_cifar10", "peft_cifar10", "wise_ft_clip_imagenet", "flyp_imagenet",
+            "lp_ft_clip_imagenet"} <= names, names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_experiment_config_composes_checks_and_builds(path, tmp_path):
+def test_experiment_config_composes_checks_and_builds(path, tmp_path, tiny_clip):
     cfg = compose_experiment(path, *([f"data.root={tmp_path}"] if path in FULL_SCALE else []))
     check_config(cfg)
     offline = OmegaConf.merge(cfg, {"backbone": {"pretrained": False}, "head": {"pretrained": False}})
-    net, _ = build_net(offline, num_classes=10, pretrained=False)
-    phases = schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
+    num_classes = 10
+    if clip.is_clip(cfg.backbone.name):
+        # a CLIP config: its model and tag are real OpenCLIP ones (checked without downloading), then a tiny
+        # stand-in of the same tower kind is built, with the config's class names and its first two templates
+        # (ViT-B/16's text tower on 1,000 x 80 prompts would take minutes on a CPU)
+        assert cfg.backbone.pretrained in open_clip.list_pretrained_tags_by_model(clip.model_name(cfg.backbone.name))
+        assert len(cfg.data.templates) == 80 and len(cfg.data.classnames) == 1000
+        num_classes = len(cfg.data.classnames)
+        offline = OmegaConf.merge(offline, {"backbone": {"name": "open_clip:thawlab-test-vit"},
+                                            "data": {"img_size": 32, "templates": list(cfg.data.templates[:2])},
+                                            "cache_dir": str(tmp_path / "cache")})
+    net, _ = build_net(offline, num_classes=num_classes, pretrained=False)
+    head_trained = bool(getattr(net.head, "starts_trained", False))
+    phases = schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs, cfg.optimizer.layer_decay,
+                                    head_trained=head_trained)
     assert sum(p.epochs for p in phases) == cfg.trainer.max_epochs
     if path in FULL_SCALE:
-        # timm weights, a real data set whose options are valid: with no files here, the error lists the files
-        assert cfg.backbone.pretrained is True or str(cfg.backbone.pretrained).endswith("model.safetensors")
+        # timm weights (or an OpenCLIP tag), a real data set whose options are valid: with no files here, the
+        # error lists the files
+        assert (cfg.backbone.pretrained is True or str(cfg.backbone.pretrained).endswith("model.safetensors")
+                or clip.is_clip(cfg.backbone.name))
         assert cfg.data._target_ != "thawlab.data.digits.DigitsTarget"
         with pytest.raises(ThawlabError, match="missing"):
             build_datamodule(cfg.data, None).check()
@@ -49,6 +67,25 @@ def test_experiment_config_composes_checks_and_builds(path, tmp_path):
 def test_readme_gives_the_command_of_each_config(path):
     readme = (path.parent.parent / "README.md").read_text()
     assert f"experiment={path.stem}" in readme, f"{path.parent.parent.name}/README.md never runs {path.stem}"
+
+
+def test_the_clip_recipes_are_the_papers():
+    """WiSE-FT's (mlfoundations/wise-ft) and FLYP's ImageNet runs: zero-shot CLIP ViT-B/16 openai, AdamW with weight
+    decay 0.1 on every parameter, batch 512, 10 epochs, cosine after 500 steps of warm-up; WiSE-FT at lr 3e-5 with
+    clipping 1.0 and no probe (theta_0 the zero-shot model), FLYP at 1e-5 training the text tower too."""
+    steps_per_epoch = (1_281_167 - 10_000) // 512
+    for name, lr in (("wise_ft/experiment/wise_ft_clip_imagenet.yaml", 3e-5), ("flyp/experiment/flyp_imagenet.yaml", 1e-5)):
+        cfg = compose_experiment(EXPERIMENTS / name)
+        assert (cfg.backbone.name, cfg.backbone.pretrained, cfg.head._target_) == (
+            "open_clip:ViT-B-16", "openai", "thawlab.zeroshot.ZeroShotHead")
+        o = cfg.optimizer
+        assert (o.name, o.lr, o.weight_decay, o.no_decay_exemptions, o.schedule) == ("adamw", lr, 0.1, False, "cosine")
+        assert round(o.warmup_epochs * steps_per_epoch, -2) == 500
+        assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.augment) == (512, 10, "none")
+        phases = schedules.build_phases(cfg.schedule, ["stem", "blocks.0", "head", "text"], 10, head_trained=True)
+        trains = [g for p in phases for g in p.trainable]
+        assert len(phases) == 1 and ("text" in trains) == (cfg.schedule.name == "flyp")
+    assert compose_experiment(EXPERIMENTS / "wise_ft/experiment/wise_ft_clip_imagenet.yaml").trainer.gradient_clip_val == 1.0
 
 
 def test_l2sp_recipe_drops_the_lr_at_iteration_5000_of_9000():

@@ -174,6 +174,12 @@ def _wrapped(model: nn.Module) -> list[str]:
 def _unsupported(module: nn.Module) -> str | None:
     """None when PEFT's LoRA wraps `module` exactly and can merge it again; otherwise the reason it cannot."""
     kind = type(module).__name__
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        # torch's nn.MultiheadAttention (OpenCLIP's towers) passes out_proj.weight to its functional form and
+        # never calls out_proj: a LoRA wrapper around it would never run, its adapter would never train
+        return f"the output projection of torch's nn.MultiheadAttention, which reads its weight and never calls it"
     if isinstance(module, nn.Linear):
         from timm.layers import Linear as TimmLinear  # F.linear outside torchscript
 

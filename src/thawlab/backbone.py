@@ -212,13 +212,17 @@ def block_groups(model: nn.Module, coarse: bool = True) -> "OrderedDict[str, lis
     if isinstance(matcher, dict):
         _warn_unmatched(names, matcher)
     by_id = group_parameters(model, matcher)
-    return _labelled([by_id[gid] for gid in sorted(by_id)])
+    # a backbone that wraps a single module (OpenCLIP's image tower, thawlab.clip: visual.*) is named by what is
+    # inside it: transformer.resblocks.3, layer2, not visual.transformer.resblocks.3
+    tops = {n.split(".")[0] for n in names}
+    inner = f"{tops.pop()}." if len(tops) == 1 and all("." in n for n in names) else ""
+    return _labelled([by_id[gid] for gid in sorted(by_id)], strip=inner)
 
 
 HEAD = "head"  # ThawNet's group of thawlab's head parameters
 
 
-def _labelled(groups: list[list[str]], children: list[str] | None = None) -> "OrderedDict[str, list[str]]":
+def _labelled(groups: list[list[str]], children: list[str] | None = None, strip: str = "") -> "OrderedDict[str, list[str]]":
     """Name groups (forward order): stem, then the module path the parameters share (the top-level child's
     name, without a matcher), top for an unnamed last group; a name already taken gets a trailing _."""
     out: OrderedDict[str, list[str]] = OrderedDict()
@@ -228,7 +232,8 @@ def _labelled(groups: list[list[str]], children: list[str] | None = None) -> "Or
         elif children is not None:
             label = children[i]
         else:
-            label = _common_prefix(params) or ("top" if i == len(groups) - 1 else f"group{i}")
+            label = _common_prefix([p.removeprefix(strip) for p in params]) or (
+                "top" if i == len(groups) - 1 else f"group{i}")
         # ThawNet adds its own group "head" after these and would overwrite a backbone group of that name:
         # what timm keeps of its head with num_classes=0 (MambaOut's head.norm and head.pre_logits, MetaFormer's
         # head.norm) would drop out of the partition and ThawNet fail (KeyError). That part runs after the

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thawlab import backbone as bb
+from thawlab import clip as openclip
 from thawlab import reft, schedules, stopping
 from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
@@ -127,8 +128,17 @@ def check_config(cfg: DictConfig) -> None:
     from thawlab.config import check_values
 
     check_values(cfg)  # every numeric key in its declared range (thawlab/config.py)
-    bb.check_name(cfg.backbone.name)
-    bb.check_input_size(cfg.backbone.name, backbone_kwargs(cfg), cfg.data.img_size)
+    if openclip.is_clip(cfg.backbone.name):
+        openclip.check_name(cfg.backbone.name)
+        openclip.check_input_size(cfg.backbone.name, cfg.data.img_size)
+        if cfg.backbone.kwargs or cfg.backbone.get("drop_path_rate"):
+            raise ThawlabError(f"backbone.kwargs={OmegaConf.to_container(cfg.backbone.kwargs)} and "
+                               f"backbone.drop_path_rate={cfg.backbone.drop_path_rate} are timm.create_model "
+                               f"arguments: an OpenCLIP model ({cfg.backbone.name}) takes its own config")
+    else:
+        bb.check_name(cfg.backbone.name)
+        bb.check_input_size(cfg.backbone.name, backbone_kwargs(cfg), cfg.data.img_size)
+    check_text_head(cfg)
     schedules.check(cfg.schedule, cfg.trainer.max_epochs, cfg.optimizer.layer_decay)
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and clip <= 0:
@@ -160,6 +170,39 @@ def check_config(cfg: DictConfig) -> None:
     check_regularization(cfg)
 
 
+def check_text_head(cfg: DictConfig) -> None:
+    """A head built from a text tower (head=zeroshot) needs a CLIP backbone and prompts: each a one-line error."""
+    from hydra.utils import get_class
+
+    from thawlab.zeroshot import check_templates
+
+    try:
+        needs_text = getattr(get_class(cfg.head._target_), "needs_text", False)
+    except Exception:  # noqa: BLE001 (an unknown head class is reported where it is instantiated)
+        needs_text = False
+    if not needs_text:
+        return
+    if not openclip.is_clip(cfg.backbone.name):
+        raise ThawlabError(f"head=zeroshot needs a CLIP text tower: backbone.name={cfg.backbone.name!r} is a timm "
+                           f"model (use backbone.name=open_clip:<model>)")
+    templates = cfg.head.get("templates") or cfg.data.get("templates")
+    check_templates(templates, "head.templates" if cfg.head.get("templates") else "data.templates")
+    names = cfg.data.get("classnames")
+    if names is not None and len(names) == 0:
+        raise ThawlabError("data.classnames=[]: head=zeroshot needs the class names in label order")
+
+
+def classnames_of(cfg: DictConfig, dm) -> list[str] | None:
+    """data.classnames, else the data set's own class names (imagefolder: its folder names, in label order)."""
+    if cfg.data.get("classnames") is not None:
+        return list(cfg.data.classnames)
+    _ = dm.num_classes  # a data set on disk reads its class folders on first use
+    classes = getattr(dm, "classes", None)
+    if isinstance(classes, dict):
+        return [c for c, _ in sorted(classes.items(), key=lambda kv: kv[1])]
+    return list(classes) if classes else None
+
+
 def check_regularization(cfg: DictConfig) -> None:
     """Dropout, stochastic depth, label smoothing and mixing: values in their ranges."""
     for key, value in (("head.dropout", cfg.head.get("dropout", 0.0)),
@@ -187,10 +230,18 @@ def backbone_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True) -> tuple[ThawNet, Preprocess]:
-    """The backbone (with the schedule's adapters, unless adapters=False), its preprocessing and a new head."""
+def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = True,
+              classnames: list[str] | None = None) -> tuple[ThawNet, Preprocess]:
+    """The backbone (with the schedule's adapters, unless adapters=False), its preprocessing and a new head
+    (head=zeroshot: from the text tower, for `classnames`, else data.classnames)."""
+    if classnames is None and cfg.data.get("classnames") is not None:
+        classnames = list(cfg.data.classnames)
     b = cfg.backbone
-    model = bb.create_backbone(b.name, pretrained, backbone_kwargs(cfg))
+    text = None
+    if openclip.is_clip(b.name):  # OpenCLIP: the image tower is the backbone, the text tower is held apart
+        model, text = openclip.split(openclip.create_clip(b.name, pretrained), b.name)
+    else:
+        model = bb.create_backbone(b.name, pretrained, backbone_kwargs(cfg))
     adapter = cfg.schedule.get("adapter")
     if adapters and adapter:
         ADAPTERS[adapter].add(model, cfg)
@@ -204,7 +255,26 @@ def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = Tr
     head = instantiate(head_cfg, in_features=width, num_classes=num_classes)
     if cfg.head.get("pretrained"):
         _load_pretrained_classifier(head, model, pretrained, num_classes)
-    return ThawNet(model, head, bb.block_groups(model, b.coarse_groups)), preprocess
+    if getattr(head, "needs_text", False):
+        fill_zeroshot(cfg, head, text, classnames)
+    return ThawNet(model, head, bb.block_groups(model, b.coarse_groups), text=text), preprocess
+
+
+def fill_zeroshot(cfg: DictConfig, head, text, classnames: list[str] | None) -> None:
+    """head=zeroshot: class weights from the text tower (cached on disk under cache_dir/zeroshot/)."""
+    import time
+
+    if text is None:
+        raise ThawlabError(f"head=zeroshot needs a CLIP text tower: backbone.name={cfg.backbone.name!r}")
+    if not classnames:
+        raise ThawlabError(f"head=zeroshot: data {cfg.data._target_.rsplit('.', 1)[-1]} names no classes: set "
+                           f"data.classnames (the class names in label order)")
+    templates = list(head.templates or cfg.data.get("templates") or [])
+    start = time.perf_counter()
+    info = head.fill(text, classnames, templates, cache_dir=cfg.cache_dir)
+    console.print(f"zero-shot head: {len(classnames)} classes x {len(templates)} templates, "
+                  f"{'from the cache' if info['cached'] else 'computed'} in {time.perf_counter() - start:.2f} s "
+                  f"({info['path']})")
 
 
 def _load_pretrained_classifier(head, model, pretrained, num_classes: int) -> None:
@@ -224,7 +294,7 @@ def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "
     """task=target: the data set's own task; task=source: its pretraining task (data.source)."""
     node = data_cfg.source if task == "source" else data_cfg
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-              if k not in ("source", "pretrain", "img_size")}
+              if k not in ("source", "pretrain", "img_size", "classnames", "templates")}
     from hydra.errors import InstantiationException
 
     try:
@@ -240,8 +310,19 @@ def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "
 def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     dm.setup("fit")
     wise = phases is None and bool(cfg.schedule.get("alphas"))
+    head_trained = bool(getattr(net.head, "starts_trained", False) or cfg.head.get("pretrained"))
     phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs,
-                                              cfg.optimizer.layer_decay)
+                                              cfg.optimizer.layer_decay, head_trained=head_trained)
+    if any(p.loss == "contrastive" for p in phases):
+        if not callable(getattr(net.head, "refresh", None)):
+            raise ThawlabError(f"schedule={cfg.schedule.name} trains with CLIP's contrastive loss and is evaluated "
+                               f"with the zero-shot head of the updated text tower: use head=zeroshot")
+        r = cfg.regularization
+        if r.mixup or r.cutmix or r.label_smoothing:
+            raise ThawlabError(f"schedule={cfg.schedule.name}: its contrastive loss pairs each image with a prompt "
+                               f"of its class; regularization.mixup={r.mixup}, cutmix={r.cutmix} and "
+                               f"label_smoothing={r.label_smoothing} act on a cross-entropy over class targets "
+                               f"and would be ignored: set them to 0")
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
                      regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
@@ -340,14 +421,16 @@ def print_partition(net: ThawNet, phases) -> None:
     for p in phases:
         trains = net.trains(p)
         inside = sum(v for n, v in sizes.items() if trains[n] and n.startswith("backbone."))
-        head = sum(v for n, v in sizes.items() if trains[n] and not n.startswith("backbone."))
-        console.print(f"trainable parameters in {p.name}: {inside + head:,} = {inside:,} in the backbone "
-                      f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head")
+        head = sum(v for n, v in sizes.items() if trains[n] and n.startswith("head."))
+        text = sum(v for n, v in sizes.items() if trains[n] and n.startswith("text."))  # a CLIP text tower
+        console.print(f"trainable parameters in {p.name}: {inside + head + text:,} = {inside:,} in the backbone "
+                      f"({inside / max(body, 1):.2%} of its {body:,}) + {head:,} in the head"
+                      + (f" + {text:,} in the text tower" if text else ""))
 
 
 def print_metrics(metrics: dict[str, float], stage: str = "test", selected: str = f"on {SELECT[0]}") -> None:
-    sets = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics
-                   if k.startswith(f"{stage}/") and not k.startswith(f"{stage}/wise/")},
+    sets = sorted({k[len(stage) + 1:].rsplit("/", 1)[0] for k in metrics
+                   if k.startswith(f"{stage}/") and not k.startswith((f"{stage}/wise/", f"{stage}/zeroshot/"))},
                   key=lambda s: (s != "id", s == "ood/mean", s == "source", s))
     table = Table(title=f"{stage} metrics (checkpoint selected {selected})", title_justify="left")
     for col in ("set", "acc %", "nll", "ece %"):

@@ -157,9 +157,12 @@ def _show(v) -> str:
 
 @dataclass
 class BackboneConfig:
-    name: str = "test_resnet"  # any timm model name (a tag such as resnet18.a1_in1k selects hub weights)
+    # any timm model name (a tag such as resnet18.a1_in1k selects hub weights), or open_clip:<model> for an
+    # OpenCLIP model (open_clip:ViT-B-16, open_clip:RN50, open_clip:convnext_base; thawlab.clip)
+    name: str = "test_resnet"
     # false: random init | true: the timm hub tag | "source": thawlab's own pretraining on the data's
-    # source task (cached) | a path to a local weights file (.safetensors, .pth, .bin)
+    # source task (cached) | a path to a local weights file (.safetensors, .pth, .bin) | an OpenCLIP tag
+    # (openai, laion2b_s34b_b88k, ...) for open_clip: models
     pretrained: Any = "source"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     coarse_groups: bool = True  # timm group_matcher(coarse=...): stages rather than single blocks
@@ -266,8 +269,16 @@ class ScheduleConfig:
 
 @dataclass
 class LPFTConfig(ScheduleConfig):
-    # epochs of the probing phase (default: half the run)
-    lp_epochs: Optional[int] = num(None, "[1, inf)", "null: half the run")
+    # epochs of the probing phase (default: half the run); 0: no probe, for a head that starts trained
+    lp_epochs: Optional[int] = num(None, "[0, inf)", "null: half the run")
+    # with a head that starts trained (head=zeroshot): probe it first (LP-FT from the zero-shot head) when
+    # lp_epochs is null; false: no probe (WiSE-FT: theta_0 is the zero-shot model)
+    zeroshot_probe: bool = True
+
+
+@dataclass
+class FLYPConfig(ScheduleConfig):
+    """FLYP: both CLIP towers with the contrastive loss between images and prompts of their classes."""
 
 
 @dataclass
@@ -360,6 +371,11 @@ class DataConfig:
     # others they stay empty, and debug=smoke's shrunken settings for them are ignored
     source: Any = None
     pretrain: Any = None
+    # zero-shot heads and FLYP (CLIP backbones): the class names in label order (null: the data set's own, where
+    # it has them: imagefolder's folder names) and prompt templates with {} for the name (head.templates
+    # overrides them)
+    classnames: Optional[list[str]] = None
+    templates: Optional[list[str]] = None
 
 
 @dataclass
@@ -503,6 +519,12 @@ class MLPHeadConfig(HeadConfig):
 
 
 @dataclass
+class ZeroShotHeadConfig(HeadConfig):
+    # prompt templates with {} for the class name; null: data.templates
+    templates: Optional[list[str]] = None
+
+
+@dataclass
 class CosineHeadConfig(HeadConfig):
     scale: float = num(16.0, "(0, inf)")  # logits = scale * cos(feature, class weight)
 
@@ -538,11 +560,11 @@ class TrainConfig:
 SCHEMAS = {  # group -> option schema; each option names its schema first in its defaults list
     "data": {"digits": DigitsConfig, "cifar10": Cifar10Config, "cifar10c": Cifar10CConfig, "imagenet": ImageNetConfig,
              "imagefolder": ImageFolderConfig},
-    "head": {"head": HeadConfig, "mlp": MLPHeadConfig, "cosine": CosineHeadConfig},
+    "head": {"head": HeadConfig, "mlp": MLPHeadConfig, "cosine": CosineHeadConfig, "zeroshot": ZeroShotHeadConfig},
     "logger": {"logger": LoggerConfig},
     "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
                  "surgical": SurgicalConfig, "partial": PartialConfig, "fine_tune": FineTuneConfig,
-                 "lora": LoRAConfig, "reft": ReFTConfig},
+                 "lora": LoRAConfig, "reft": ReFTConfig, "flyp": FLYPConfig},
 }
 
 

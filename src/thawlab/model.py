@@ -17,12 +17,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from thawlab.schedules import Phase
 
 
+TEXT = "text"  # the group of a CLIP text tower
+
+
 class ThawNet(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module, block_groups: "OrderedDict[str, list[str]]"):
+    def __init__(self, backbone: nn.Module, head: nn.Module, block_groups: "OrderedDict[str, list[str]]",
+                 text: nn.Module | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         groups = OrderedDict((g, [f"backbone.{n}" for n in names]) for g, names in block_groups.items())
         groups["head"] = [f"head.{n}" for n, _ in head.named_parameters()]
+        if text is not None:
+            # a CLIP text tower (thawlab.clip): a group of its own after the head, which only a schedule that
+            # names it (FLYP) trains; `body_groups` leaves it out, so no other schedule can unfreeze it
+            self.text = text
+            groups[TEXT] = [f"text.{n}" for n, _ in text.named_parameters()]
         self.groups = groups
         self._group_of = {n: g for g, names in groups.items() for n in names}
         self._module_groups = self._groups_of_modules()
@@ -42,8 +51,14 @@ class ThawNet(nn.Module):
                 last = own[-1] if name.startswith("backbone") else last
                 out.append((name, module, frozenset(own)))
             else:
-                out.append((name, module, frozenset(["head"] if name.startswith("head") else [last])))
+                top = name.split(".")[0]
+                out.append((name, module, frozenset([top] if top in ("head", TEXT) else [last])))
         return out
+
+    @property
+    def body_groups(self) -> list[str]:
+        """The groups a schedule spreads over: the backbone's block groups and the head (not the text tower)."""
+        return [g for g in self.groups if g != TEXT]
 
     def named_group_parameters(self) -> "OrderedDict[str, list[nn.Parameter]]":
         params = dict(self.named_parameters())

@@ -160,9 +160,11 @@ class FineTuner(L.LightningModule):
         self.soft_target_loss = SoftTargetCrossEntropy()
         # a mixed batch is a new input every step: cached features of the unmixed images would be wrong
         self.cache = FeatureCache() if cache_features and self.mix is None else None
-        # WiSE-FT's theta_0: the weights when a first, head-only phase (the linear probe) ends
-        self.keep_probe_weights = keep_probe_weights and phases[0].trainable == ("head",) and len(phases) > 1
+        # WiSE-FT's theta_0: the weights when the first phase that trains more than the head starts (the end of
+        # the linear probe; with a head that starts trained and no probe, the zero-shot model as built)
+        self.keep_probe_weights = keep_probe_weights
         self.theta0: dict[str, torch.Tensor] | None = None
+        self._clip_loss = None  # FLYP's loss (open_clip.ClipLoss), made on first use
         self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
         if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
             self.w0 = nn.Module()  # buffers by position (a buffer's name cannot hold dots)
@@ -185,7 +187,9 @@ class FineTuner(L.LightningModule):
             optimizer.state.clear()
         if self.cache is not None and not self.net.backbone_frozen:
             self.cache.clear()
-        if self.keep_probe_weights and self.current_epoch == self.phases[0].epochs:
+        i, _, _ = phase_at(self.phases, self.current_epoch)
+        if (self.keep_probe_weights and self.current_epoch == start and phase.trainable != ("head",)
+                and all(p.trainable == ("head",) for p in self.phases[:i])):
             self.theta0 = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         lrs: dict[str, float] = {}  # a block group's lr: that of its top layer (the highest, under layer_decay)
         for g in optimizer.param_groups:
@@ -257,7 +261,9 @@ class FineTuner(L.LightningModule):
         if self.fail_rank is not None and self.global_rank == self.fail_rank:
             raise RuntimeError(f"injected failure on rank {self.global_rank} (ddp.fail_rank={self.fail_rank})")
         y = batch[1]
-        if self.mix is None:
+        if self.net.phase is not None and self.net.phase.loss == "contrastive":
+            loss = self.contrastive_loss(batch)
+        elif self.mix is None:
             loss = F.cross_entropy(self._logits("train", batch), y, label_smoothing=self.label_smoothing)
         else:
             x, _, idx = batch
@@ -271,6 +277,38 @@ class FineTuner(L.LightningModule):
             self.log("train/l2sp", penalty, on_step=False, on_epoch=True, batch_size=len(y))
             loss = loss + penalty
         return loss
+
+    def contrastive_loss(self, batch) -> torch.Tensor:
+        """FLYP: CLIP's loss (open_clip.ClipLoss: symmetric cross-entropy over the batch, the model's logit scale)
+        between each image and a prompt of its class, a template drawn per image and step (the zero-shot head's
+        prompts). Images of the same class are each other's negatives, as in FLYP's batches. Under DDP the
+        features of every rank are gathered (with gradients), as OpenCLIP trains."""
+        from open_clip import ClipLoss
+
+        x, y, _ = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._clip_loss is None:
+            ws = self.trainer.world_size if self._trainer is not None else 1
+            self._clip_loss = ClipLoss(gather_with_grad=ws > 1, rank=self.global_rank, world_size=ws)
+        prompts = self.net.head.prompts
+        pick = torch.randint(len(prompts[0]), (len(y),)).tolist()
+        text = self.net.text
+        tokens = text.tokenize([prompts[c][t] for c, t in zip(y.tolist(), pick)]).to(x.device)
+        image = F.normalize(self.net.backbone(x), dim=-1)
+        return self._clip_loss(image, text(tokens, normalize=True), text.logit_scale.exp())
+
+    def _refresh_head(self) -> None:
+        """A phase that trains the text tower (FLYP) is evaluated with the zero-shot head of the tower as it is now."""
+        phase = self.net.phase
+        if phase is not None and "text" in phase.trainable and callable(getattr(self.net.head, "refresh", None)):
+            self.net.head.refresh(self.net.text)
+
+    def on_validation_epoch_start(self):
+        self._refresh_head()  # before validation and before this epoch's checkpoints are written
+
+    def on_train_epoch_end(self):
+        self._refresh_head()
 
     def l2sp_penalty(self) -> torch.Tensor:
         """L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the trainable body, beta/2 ||w||^2 over the head.

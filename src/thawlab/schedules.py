@@ -12,6 +12,7 @@ Group names are the backbone's block groups in forward order, then "head".
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,13 @@ class Phase:
     shape: dict = field(default_factory=dict)  # overrides of optimizer.schedule and its arguments
     reset_optimizer: bool = False  # clear the optimizer state when the phase starts (fastai's unfreeze)
     select: bool = True  # model selection considers this phase's epochs (schedule.select_phases; selection.py)
+    # the training loss: ce (cross-entropy of the head's logits) | contrastive (CLIP's loss between each image
+    # and a prompt of its class, over the batch: FLYP; needs a CLIP text tower and head=zeroshot)
+    loss: str = "ce"
+
+
+LOSSES = ("ce", "contrastive")
+TEXT = "text"  # a CLIP text tower's group (thawlab.model): only a strategy that names it trains it
 
 
 def _body(groups):
@@ -62,13 +70,31 @@ def full(groups, epochs, s):
     return [Phase("full", epochs, tuple(groups))]
 
 
-def lp_ft(groups, epochs, s):
+def lp_ft(groups, epochs, s, head_trained=False):
     """LP-FT (Kumar et al. 2022): probe the head, then fine-tune everything from that head. WiSE-FT
-    (Wortsman et al. 2022) trains the same phases and then interpolates (schedule.alphas, see wise.py)."""
-    lp = s.lp_epochs if s.lp_epochs is not None else epochs // 2
+    (Wortsman et al. 2022) trains the same phases and then interpolates (schedule.alphas, see wise.py).
+
+    A head that starts trained (head=zeroshot, or head.pretrained) may skip the probe: lp_epochs=0, or null
+    with zeroshot_probe=false (wise_ft: theta_0 is the zero-shot model and fine-tuning starts from it, the
+    paper's recipe); LP-FT (zeroshot_probe=true) probes from the zero-shot head."""
+    lp = s.lp_epochs
+    if lp is None:
+        lp = 0 if head_trained and not s.get("zeroshot_probe", True) else epochs // 2
+    if lp == 0:
+        if not head_trained:
+            raise ThawlabError("schedule.lp_epochs=0 fine-tunes from a new, random head (no probe): use a head "
+                               "that starts trained (head=zeroshot or head.pretrained=true) or lp_epochs >= 1")
+        return [Phase("ft", epochs, tuple(groups))]
     if not 0 < lp < epochs:
         raise ThawlabError(f"schedule.lp_epochs={lp} must leave both phases an epoch of the {epochs}")
     return [Phase("lp", lp, ("head",), {"head": s.probe_lr_mult}), Phase("ft", epochs - lp, tuple(groups))]
+
+
+def flyp(groups, epochs, s):
+    """FLYP (Goyal et al., CVPR 2023), "finetune like you pretrain": both CLIP towers train with CLIP's
+    contrastive loss between each image and a prompt of its class, over the batch. The head is not trained: it
+    is the zero-shot head, recomputed from the updated text tower before each evaluation (thawlab.module)."""
+    return [Phase("flyp", epochs, tuple(g for g in groups if g != "head") + (TEXT,), loss="contrastive")]
 
 
 def gradual(groups, epochs, s):
@@ -153,7 +179,7 @@ def fine_tune(groups, epochs, s):
 
 STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft, "wise_ft": lp_ft,
               "surgical": surgical, "partial": partial, "bitfit": bitfit, "lora": lora, "reft": reft,
-              "fine_tune": fine_tune}
+              "fine_tune": fine_tune, "flyp": flyp}
 
 
 def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
@@ -187,7 +213,8 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
                            f"(null: every phase)")
 
 
-def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: float = 1.0) -> list[Phase]:
+def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: float = 1.0,
+                 head_trained: bool = False) -> list[Phase]:
     """Phases of strategy schedule_cfg.name over `epochs`, for groups (forward order, ending with 'head').
 
     schedule.bn is one policy for every phase or a mapping {phase name: policy} (phases not named: train).
@@ -196,7 +223,21 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: floa
     is applied by the optimizer's groups (thawlab.backbone.layer_decay_scales, FineTuner).
     """
     check(schedule_cfg, epochs, layer_decay)
-    phases = STRATEGIES[schedule_cfg.name](groups, epochs, schedule_cfg)
+    # a CLIP text tower is never handed to a strategy: one that trains it names it itself (FLYP)
+    body = [g for g in groups if g != TEXT]
+    fn = STRATEGIES[schedule_cfg.name]
+    takes_head = "head_trained" in inspect.signature(fn).parameters
+    phases = fn(body, epochs, schedule_cfg, head_trained=head_trained) if takes_head else fn(body, epochs,
+                                                                                             schedule_cfg)
+    for p in phases:
+        if p.loss not in LOSSES:
+            raise ThawlabError(f"phase {p.name}: loss {p.loss!r} is not one of {', '.join(LOSSES)}")
+        missing = [g for g in p.trainable if g not in groups]
+        if missing:
+            what = ("a CLIP text tower (backbone.name=open_clip:<model>)" if missing[0] == TEXT
+                    else f"group {missing[0]!r}")
+            raise ThawlabError(f"schedule={schedule_cfg.name}: phase {p.name} trains {what}, which this network "
+                               f"does not have (groups: {', '.join(groups)})")
     bn = schedule_cfg.bn
     if isinstance(bn, Mapping):
         unknown = set(bn) - {p.name for p in phases}

@@ -122,7 +122,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
     rank = ranks.global_rank()
     import lightning as L
 
-    from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
+    from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, classnames_of
+    from thawlab.build import console
     from thawlab.build import prepare_for_device, print_metrics, print_partition, print_wise
     from thawlab.pretrain import source_weights
     from thawlab.resume import identity, signals_deferred
@@ -148,7 +149,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
         pretrained = cfg.backbone.pretrained
         if pretrained == "source":
             pretrained = str(source_weights(cfg))
-        net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained)
+        net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained, classnames=classnames_of(cfg, dm))
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
         module = build_module(cfg, net, dm)
@@ -157,6 +158,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
         module.identity = identity(record.payload["config"], job)  # checkpoints carry it (thawlab.resume)
         if rank == 0:
             print_partition(net, module.phases)
+        zeroshot = evaluate_zeroshot(cfg, net, dm) if rank == 0 else {}
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
@@ -171,6 +173,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
             say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
                 f"across ranks at the end of fit: {module.ranks_in_sync}")
         metrics, selection, wise = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
+        metrics.update(zeroshot)
         if rank != 0:
             failed = False
             return metrics
@@ -179,6 +182,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         log_final_metrics(logger, metrics)
         print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
                                         f"{selection['epoch']} ({selection['phase']})")
+        if zeroshot:
+            print_metrics(zeroshot, stage="test/zeroshot", selected="before training: the zero-shot model")
         if wise:
             print_wise(wise)
         say(f"results: {run_dir / 'results.json'}")
@@ -190,6 +195,26 @@ def run(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def evaluate_zeroshot(cfg: DictConfig, net, dm) -> dict:
+    """head=zeroshot: the zero-shot model (the network as built, before any training) on every test set,
+    `test/zeroshot/<set>/<metric>` (results.json, W&B). One process: under DDP the other ranks wait for it at
+    the start of fit (within ddp.timeout_s). A resumed run builds the same network, so it reports the same."""
+    if not getattr(net.head, "needs_text", False):
+        return {}
+    import torch
+
+    from thawlab.build import on_gpu
+    from thawlab.metrics import evaluate
+
+    device = torch.device("cuda" if on_gpu(cfg.trainer) and torch.cuda.is_available() else "cpu")
+    net.to(device)
+    try:
+        return evaluate(net, dm.eval_dataloaders("test", distributed=False), dm.num_classes, "test/zeroshot",
+                        dm.class_subsets)
+    finally:
+        net.to("cpu")
 
 
 def _prepared() -> None:
