@@ -326,6 +326,11 @@ def make_soup(args) -> Path:
         ts = [v["t"] for v in ratios.values()]
         console.print(f"model_stock: t per layer over {len(ts)} backbone tensors: min {min(ts):.3f}, "
                       f"mean {sum(ts) / len(ts):.3f}, max {max(ts):.3f}")
+        outside = [k for k, v in ratios.items() if not 0 <= v["t"] <= 1]
+        if outside:  # cos < 0: the formula extrapolates away from the ingredients' mean (the repo does not clip)
+            console.print(f"[yellow]warning: model_stock: t outside [0, 1] in {len(outside)} of {len(ts)} layers "
+                          f"(their changes from theta_0 point apart, cos < 0): the ingredients may not share a "
+                          f"basin[/yellow]")
     record["batchnorm"] = "running statistics averaged as weights"
     for entry in record["ingredients"]:
         console.print(f"  {entry['run']}: val/id/acc {100 * entry['val/id/acc']:.1f}"
