@@ -190,3 +190,30 @@ def test_bad_input_is_one_line(sweep, tmp_path):
                         ((sweep, "--recipe", "uniform", "--include-smoke", "--where", "seed=7"), "at least 2")):
         r = cli(*args)
         assert r.returncode == 2 and words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_recompute_bn_takes_the_statistics_from_the_training_data(sweep):
+    from torch.optim.swa_utils import update_bn
+    from torch.utils.data import DataLoader
+
+    from thawlab.build import build_datamodule, build_net
+    from thawlab.pretrain import source_weights
+
+    res = make(sweep, "uniform", "--recompute-bn")
+    assert res["soup"]["batchnorm"].startswith("running statistics recomputed")
+    got = load_file(str(res["dir"] / "soup.safetensors"))
+    ing = list(states(sweep).values())
+    mean = {k: sum(s[k] for s in ing) / 3 if v.is_floating_point() else v for k, v in ing[0].items()}
+    key = next(k for k in got if k.endswith("running_var"))
+    assert not torch.allclose(got[key], mean[key])  # not the averaged statistics
+    # by hand: the averaged weights, one pass over the training set in train mode (SWA's update_bn)
+    cfg = OmegaConf.create(res["config"] | {"seed": 0})
+    dm = build_datamodule(cfg.data, None)
+    net, dm.preprocess = build_net(cfg, dm.num_classes, str(source_weights(cfg)))
+    dm.setup("fit")
+    net.load_state_dict(mean)
+    update_bn(DataLoader(dm.train_set, batch_size=cfg.data.batch_size), net)
+    torch.testing.assert_close(got[key], net.state_dict()[key], rtol=1e-4, atol=1e-5)
+    for k in got:  # every weight is still the mean
+        if not any(k.endswith(b) for b in ("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(got[k], mean[k], rtol=1e-6, atol=1e-7)

@@ -157,6 +157,16 @@ def greedy(states: list[dict], val_acc) -> tuple[dict, list[bool], list[float]]:
     return uniform([x for x, k in zip(states, kept) if k]), kept, steps
 
 
+def recompute_bn(net, dataset, batch_size: int, device) -> None:
+    """Every BatchNorm layer's running statistics from one pass over the training data in train mode, a
+    cumulative average (momentum None): torch.optim.swa_utils.update_bn, what SWA does after averaging weights.
+    A model without BatchNorm is left as it is."""
+    from torch.optim.swa_utils import update_bn
+    from torch.utils.data import DataLoader
+
+    update_bn(DataLoader(dataset, batch_size=batch_size, shuffle=False), net, device)
+
+
 # ----------------------------------------------------------------------------------------------- the command
 
 def parser() -> argparse.ArgumentParser:
@@ -171,6 +181,9 @@ def parser() -> argparse.ArgumentParser:
                          "per seed pairs with the sweep's rows")
     ap.add_argument("--out", type=Path, metavar="DIR",
                     help="the soup's run directory (default: <SWEEP_DIR>/soup=<recipe>[,<where>...])")
+    ap.add_argument("--recompute-bn", action="store_true",
+                    help="recompute the soup's BatchNorm running statistics on the training data (one pass in train "
+                         "mode, cumulative average) instead of averaging them")
     ap.add_argument("--include-smoke", action="store_true", help="use smoke runs as ingredients (as thawlab-report)")
     return ap
 
@@ -302,11 +315,15 @@ def make_soup(args) -> Path:
 
     val = {"id": dm.eval_dataloaders("val", distributed=False)["id"]}
 
-    def val_acc(state: dict) -> float:
+    def val_acc(state: dict, is_soup: bool = True) -> float:
+        """ID val accuracy; a soup (not an ingredient, which keeps its own statistics) with --recompute-bn gets
+        its BatchNorm statistics from the training data first, so greedy's choices see what is reported."""
         net.load_state_dict(state)
+        if is_soup and args.recompute_bn:
+            recompute_bn(net, dm.train_set, dm.batch_size, device)
         return evaluate(net, val, dm.num_classes, "val", dm.class_subsets)["val/id/acc"]
 
-    accs = [val_acc(s) for s in states]
+    accs = [val_acc(s, is_soup=False) for s in states]
     # decreasing ID val accuracy; ties keep the sweep's order (sorted() is stable)
     order = sorted(range(len(runs)), key=lambda i: -accs[i])
     record: dict = {"recipe": args.recipe, "ingredients": [
@@ -314,7 +331,9 @@ def make_soup(args) -> Path:
     if args.recipe == "uniform":
         soup = uniform(states)
     elif args.recipe == "greedy":
-        soup, kept, steps = greedy([states[i] for i in order], val_acc)
+        first = order[0]  # Algorithm 1 starts from the best ingredient's own accuracy
+        soup, kept, steps = greedy([states[i] for i in order],
+                                   lambda s: accs[first] if s is states[first] else val_acc(s))
         for entry, keep, step in zip(record["ingredients"], kept, steps):
             entry.update(kept=keep, soup_val_acc=step)
     else:
@@ -331,7 +350,8 @@ def make_soup(args) -> Path:
             console.print(f"[yellow]warning: model_stock: t outside [0, 1] in {len(outside)} of {len(ts)} layers "
                           f"(their changes from theta_0 point apart, cos < 0): the ingredients may not share a "
                           f"basin[/yellow]")
-    record["batchnorm"] = "running statistics averaged as weights"
+    record["batchnorm"] = ("running statistics recomputed on the training data (torch.optim.swa_utils.update_bn)"
+                           if args.recompute_bn else "running statistics averaged as weights")
     for entry in record["ingredients"]:
         console.print(f"  {entry['run']}: val/id/acc {100 * entry['val/id/acc']:.1f}"
                       + ("" if entry["kept"] else " (not kept: the soup's ID val accuracy would drop)"))
@@ -351,7 +371,8 @@ def make_soup(args) -> Path:
     rec = RunRecord(out, config, seeds[0], overrides=[f"soup={args.recipe}", *args.where])
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in soup.items()}, str(out / "soup.safetensors"))
+    # the evaluated weights: the soup, its BatchNorm statistics recomputed with --recompute-bn
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / "soup.safetensors"))
     record["ingredient_dirs"] = [str(Path(r.path).parent.resolve()) for r in (runs[i] for i in order)]
     rec.finish(metrics=metrics, counts=counts, soup=record, wise=None,
                selection={"rule": f"soup ({args.recipe})", "phases": [], "phase": None,
