@@ -9,7 +9,8 @@ Recipes, each as its source defines it:
   with it is >= the soup's without it.
 - model_stock (Jang et al., ECCV 2024, naver-ai/model-stock): per layer (state-dict tensor), cos(theta) between
   the ingredients' changes from theta_0 (N > 2: the mean over pairs), t = N cos / (1 + (N - 1) cos) and
-  merged = t * mean(fine-tuned) + (1 - t) * theta_0; cos and t with the repository's epsilon (1e-8).
+  merged = t * mean(fine-tuned) + (1 - t) * theta_0; an epsilon of 1e-8 in the denominators of cos and t (as the
+  repository's example notebook is recalled to do: its code was not available to check against).
 
 theta_0 of model_stock is the pretrained backbone, which every ingredient starts from. A new head has no
 pretrained anchor (its random initialisation differs between seeds and is no point a fine-tuned model should be
@@ -19,7 +20,8 @@ taken from the first ingredient.
 
 BatchNorm statistics are averaged as weights in every recipe: what the model-soups and Model Stock papers do for
 their CLIP ViTs, which have no BatchNorm, is moot; averaging keeps the soup a function of the ingredients' files
-alone (no pass over training data) and equals WiSE-FT's treatment in thawlab/wise.py.
+alone (no pass over training data) and equals WiSE-FT's treatment in thawlab/wise.py. `--recompute-bn` recomputes
+them on the training data instead (torch.optim.swa_utils.update_bn, as SWA does after averaging).
 
 The soup is evaluated with the runs' own evaluation code (thawlab.metrics.evaluate) on ID and every OOD test set
 of the ingredients' data, and written as a run directory with the results contract (thawlab/results.py) plus
@@ -38,7 +40,7 @@ from thawlab.errors import ThawlabError, did_you_mean
 
 PROG = "thawlab-soup"
 RECIPES = ("uniform", "greedy", "model_stock")
-EPS = 1e-8  # naver-ai/model-stock's epsilon in the cosine and the ratio
+EPS = 1e-8  # in the cosine's and the ratio's denominators (a layer that did not move: cos 0, t 0, theta_0)
 # config subtrees that define theta_0 and the network's shape: every ingredient must agree on them
 SAME_THETA0 = ("backbone", "head", "data", "schedule.adapter", "task")
 # keys inside those that only change how a run trains or where files are, never theta_0 or the network
@@ -113,7 +115,7 @@ def uniform(states: list[dict]) -> dict:
 
 
 def cosine(a, b) -> float:
-    """naver-ai/model-stock's compute_angle: cos = <a, b> / (|a| |b| + eps), clamped to [-1, 1]."""
+    """cos = <a, b> / (|a| |b| + eps), clamped to [-1, 1] (float64)."""
     import torch
 
     a, b = a.double().flatten(), b.double().flatten()
