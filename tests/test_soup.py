@@ -217,3 +217,12 @@ def test_recompute_bn_takes_the_statistics_from_the_training_data(sweep):
     for k in got:  # every weight is still the mean
         if not any(k.endswith(b) for b in ("running_mean", "running_var", "num_batches_tracked")):
             torch.testing.assert_close(got[k], mean[k], rtol=1e-6, atol=1e-7)
+
+
+def test_thawlab_soup_is_a_console_script():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["thawlab-soup"] == "thawlab.soup:main"
+    r = cli("--help")
+    assert r.returncode == 0 and "--recipe" in r.stdout and "--recompute-bn" in r.stdout
