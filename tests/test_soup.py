@@ -33,7 +33,7 @@ def sweep(tmp_path_factory, cache_dir) -> Path:
 
 
 def make(sweep: Path, recipe: str, *extra: str) -> dict:
-    out = sweep.parent / f"{sweep.name}-soups" / recipe
+    out = sweep.parent / f"{sweep.name}-soups" / "".join([recipe, *extra])
     if not (out / "done").exists():
         assert soup.main([str(sweep), "--recipe", recipe, "--include-smoke", "--out", str(out), *extra]) == 0
     return read_results(out) | {"dir": out}
@@ -201,6 +201,7 @@ def test_recompute_bn_takes_the_statistics_from_the_training_data(sweep):
 
     res = make(sweep, "uniform", "--recompute-bn")
     assert res["soup"]["batchnorm"].startswith("running statistics recomputed")
+    assert res["overrides"] == ["soup=uniform", "soup.recompute_bn=true"]  # its own row, beside soup=uniform
     got = load_file(str(res["dir"] / "soup.safetensors"))
     ing = list(states(sweep).values())
     mean = {k: sum(s[k] for s in ing) / 3 if v.is_floating_point() else v for k, v in ing[0].items()}

@@ -283,7 +283,8 @@ def make_soup(args) -> Path:
 
     runs, root = ingredients(args)
     names = [run_name(r, root) for r in runs]
-    out = args.out or Path(args.sweep) / ",".join([f"soup={args.recipe}", *args.where])
+    out = args.out or Path(args.sweep) / ",".join([f"soup={args.recipe}", *(["recompute_bn"] if args.recompute_bn
+                                                                              else []), *args.where])
     if (out / DONE).exists():
         raise ThawlabError(f"{out} already holds a finished soup ({DONE} marker); its results are kept: pass "
                            f"--out DIR for another")
@@ -368,9 +369,11 @@ def make_soup(args) -> Path:
     counts = {f"test/{k}": len(ds) for k, ds in dm.sets["test"].items()}
 
     config = _common_config(runs)
-    config["soup"] = {"recipe": args.recipe}
+    config["soup"] = {"recipe": args.recipe, "recompute_bn": bool(args.recompute_bn)}
     seeds = sorted({r.seed for r in runs})
-    rec = RunRecord(out, config, seeds[0], overrides=[f"soup={args.recipe}", *args.where])
+    # the row label in thawlab-report: recipe, BatchNorm treatment (another soup), the ingredients' subset
+    overrides = [f"soup={args.recipe}", *(["soup.recompute_bn=true"] if args.recompute_bn else []), *args.where]
+    rec = RunRecord(out, config, seeds[0], overrides=overrides)
     from safetensors.torch import save_file
 
     # the evaluated weights: the soup, its BatchNorm statistics recomputed with --recompute-bn
