@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import sys
 from pathlib import Path
 
