@@ -364,7 +364,8 @@ def make_soup(args) -> Path:
     if cfg.backbone.pretrained == "source":
         from thawlab.pretrain import source_retention
 
-        metrics.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
+        # on the CPU, as train.py calls it after Lightning's teardown: the source head it builds lives there
+        metrics.update(source_retention(cfg, net.cpu(), dm.preprocess, Path(pretrained)))
     counts = {f"test/{k}": len(ds) for k, ds in dm.sets["test"].items()}
 
     config = _common_config(runs)
