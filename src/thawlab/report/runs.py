@@ -436,6 +436,8 @@ def load(paths, group_by=None, include_smoke: bool = False) -> Runs:
     have = {(r.label, r.seed) for r in runs}
     for label in out.labels():
         like = next(r for r in runs if r.label == label)
+        if like.get("soup") and like.get("seed") is None:  # a soup over seeds (thawlab-soup) is one run, no seed's
+            continue
         for s in seeds:
             if (label, s) not in have:
                 runs.append(Run(path=None, status="missing", seed=s, overrides=like.overrides, config=like.config,

@@ -139,9 +139,9 @@ class ERFit:
 
 
 def default_baselines(runs: Runs) -> list[str]:
-    """Rows whose runs all have schedule.name frozen or full."""
+    """Rows whose runs all have schedule.name frozen or full (a soup of such runs is no baseline: thawlab-soup)."""
     return [lab for lab in runs.labels()
-            if all(r.get("schedule.name") in BASELINE_SCHEDULES for r in runs.row(lab))]
+            if all(r.get("schedule.name") in BASELINE_SCHEDULES and not r.get("soup") for r in runs.row(lab))]
 
 
 def _testbed_counts(runs: Runs) -> dict[str, int | None]:
