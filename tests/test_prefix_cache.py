@@ -11,8 +11,10 @@ import timm
 import torch
 from torch import nn
 
-from conftest import add_callbacks
+from conftest import add_callbacks, compose_cfg
 from thawlab.backbone import block_groups
+from thawlab.build import cache_options, check_config
+from thawlab.errors import ThawlabError
 from thawlab.heads import LinearHead
 from thawlab.model import ThawNet
 from thawlab.prefix_cache import find_split, run_prefix, run_suffix
@@ -87,6 +89,24 @@ def test_a_path_around_the_cut_is_found_and_refused():
         m.requires_grad_(False).eval()
     reason = find_split(model, torch.randn(2, 3, 8, 8))
     assert isinstance(reason, str) and "path around the cut" in reason and "a's output" in reason
+
+
+class _Unhooked(nn.Module):
+    """A trainable layer run through its forward method (no hook sees it) before the frozen `a`."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(self.pre.forward(x))).mean((2, 3))
+
+
+def test_a_trainable_layer_no_hook_sees_is_refused():
+    model = _Unhooked().train()
+    model.a.requires_grad_(False).eval()
+    reason = find_split(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(reason, str) and "pre.weight" in reason
 
 
 def test_a_trainable_parameter_used_between_modules_is_refused():
@@ -187,3 +207,22 @@ def test_reft_cached_equals_uncached(run, monkeypatch, capsys):
     assert calls[1] == 0 and "up to layer2 " in capsys.readouterr().err
     plain, _ = _watched(run, monkeypatch, *common, "cache_features=false")
     _same(cached, plain)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], {"enabled": True, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0}),
+    (["cache_features=false"], {"enabled": False, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0}),
+    (["cache_features.prefix=false", "cache_features.max_gb=0.5"],
+     {"enabled": True, "prefix": False, "max_gb": 0.5, "disk_gb": 20.0}),
+    (["trainer.compile=true"], {"enabled": True, "prefix": False, "max_gb": 2.0, "disk_gb": 20.0}),
+])
+def test_cache_options_from_the_block_or_a_bool(overrides, expected):
+    assert cache_options(compose_cfg(overrides)) == expected
+    assert not cache_options(compose_cfg(overrides), deterministic=False)["enabled"]
+
+
+@pytest.mark.parametrize("override,needle", [("cache_features=abc", "cache_features='abc' must be true, false"),
+                                             ("cache_features.max_gb=-1", "cache_features.max_gb=-1.0 must be >= 0")])
+def test_bad_cache_options_are_one_line_errors(override, needle):
+    with pytest.raises(ThawlabError, match=re.escape(needle)):
+        check_config(compose_cfg(["backbone.pretrained=false", override]))

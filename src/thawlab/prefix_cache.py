@@ -76,8 +76,10 @@ class Split:
         """Zero tensors standing in for the skipped modules' outputs, made once per batch size and device."""
         key = (batch, str(device))
         if key not in self._buffers:
+            if len(self._buffers) >= 2:  # an epoch has at most two batch sizes (its last batch): keep those
+                self._buffers.pop(next(iter(self._buffers)))
             zeros = lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
-            self._buffers = {key: {n: _placeholder(s, batch, device, zeros) for n, s in self.skipped.items()}}
+            self._buffers[key] = {n: _placeholder(s, batch, device, zeros) for n, s in self.skipped.items()}
         return self._buffers[key]
 
 
@@ -206,6 +208,12 @@ def find_split(backbone: nn.Module, x: torch.Tensor) -> Split | str:
         recurse=False) if t.requires_grad]
     if held:
         return f"trainable parameter {held[0]} is held by a module around the cut {cut}"
+    # every trainable parameter's module must start after the cut: one whose module no hook saw run (its forward
+    # called directly, its weight used by a parent) could be used before the cut, and would lose its gradient
+    unseen = [f"{m}.{p}".lstrip(".") for m, mod in backbone.named_modules() if m not in start
+              for p, t in mod.named_parameters(recurse=False) if t.requires_grad]
+    if unseen:
+        return f"trainable parameter {unseen[0]} belongs to a module no forward hook saw run"
     skipped = [m for m in end if end[m] <= end[cut] and not encloses(m, cut) and m != cut]
     outer = [m for m in skipped if not any(encloses(o, m) for o in skipped if o != m) and not encloses(cut, m)]
     structs = {m: _structure(outs[m]) for m in outer}
