@@ -566,9 +566,12 @@ def schema_classes() -> list[type]:
         if cls in seen:
             continue
         seen.append(cls)
-        for tp in typing.get_type_hints(cls).values():
-            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-                todo.append(tp)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            # a node typed Any that defaults to a schema dataclass (cache_features) holds that schema too
+            for tp in (hints[f.name], f.default_factory):
+                if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                    todo.append(tp)
     return seen
 
 
