@@ -70,7 +70,7 @@ def main():
         print(f"  cache {'on ' if cache else 'off'}: " + ", ".join(f"{p} {s:.2f}" for p, s in results[cache]),
               flush=True)
     phases = list(dict.fromkeys(p for p, _ in results[False]))
-    print(f"\n| phase | epochs | uncached s/epoch | cached: first epoch | cached: later epochs | phase speed-up |")
+    print("\n| phase | epochs | uncached s/epoch | cached: first epoch | cached: later epochs | phase speed-up |")
     print("|---|---|---|---|---|---|")
     for name in phases:
         off = [s for p, s in results[False] if p == name]

@@ -256,7 +256,8 @@ def _verify(backbone: nn.Module, split: Split, x, cut_out, reference) -> Split |
             m.training = modes[n]
     if ran:
         return f"modules of the prefix up to {split.cut} are called from outside it"
-    if not (isinstance(replay, torch.Tensor) and torch.allclose(replay, reference, rtol=1e-4, atol=1e-5, equal_nan=True)):
+    same = isinstance(replay, torch.Tensor) and torch.allclose(replay, reference, rtol=1e-4, atol=1e-5, equal_nan=True)
+    if not same:
         return f"the output depends on more than {split.cut}'s output (a path around the cut)"
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(1)
