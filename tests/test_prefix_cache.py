@@ -189,7 +189,7 @@ def test_surgical_cached_in_ram_and_on_disk_equals_uncached(run, monkeypatch, ca
     add_callbacks(monkeypatch, _Files())
     disk, calls = _watched(run, monkeypatch, *common, "cache_features.max_gb=0")
     assert calls[1:] == [0, 0] and "memory-mapped file" in capsys.readouterr().err
-    assert "train-0.bin" in files and not list(disk["run_dir"].rglob("*.bin"))
+    assert "train-0.bin" in files and not (disk["run_dir"] / "prefix_cache").exists()
     full, calls = _watched(run, monkeypatch, *common, "cache_features.max_gb=0", "cache_features.disk_gb=0")
     note = [line for line in capsys.readouterr().err.splitlines() if "prefix cache" in line]
     assert len(note) == 1 and "exceed cache_features.max_gb=0 (RAM) and disk_gb=0" in note[0] and "uncached" in note[0]

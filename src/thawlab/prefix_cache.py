@@ -208,12 +208,19 @@ def find_split(backbone: nn.Module, x: torch.Tensor) -> Split | str:
         recurse=False) if t.requires_grad]
     if held:
         return f"trainable parameter {held[0]} is held by a module around the cut {cut}"
-    # every trainable parameter's module must start after the cut: one whose module no hook saw run (its forward
-    # called directly, its weight used by a parent) could be used before the cut, and would lose its gradient
+    # A trainable parameter of a module no hook saw run (its forward called directly, its weight used by a
+    # parent: ReFT's `source` Linear) is used somewhere inside the nearest module that did run; if that one
+    # started before the cut, the parameter may be used before it and would lose its gradient.
+    def nearest_run(m: str) -> str:
+        while m not in start:
+            m = m.rpartition(".")[0]
+        return m
+
     unseen = [f"{m}.{p}".lstrip(".") for m, mod in backbone.named_modules() if m not in start
+              and start.get(nearest_run(m), 0) < end[cut]
               for p, t in mod.named_parameters(recurse=False) if t.requires_grad]
     if unseen:
-        return f"trainable parameter {unseen[0]} belongs to a module no forward hook saw run"
+        return f"trainable parameter {unseen[0]} may be used before {cut} (its module is not run as a module)"
     skipped = [m for m in end if end[m] <= end[cut] and not encloses(m, cut) and m != cut]
     outer = [m for m in skipped if not any(encloses(o, m) for o in skipped if o != m) and not encloses(cut, m)]
     structs = {m: _structure(outs[m]) for m in outer}
@@ -315,6 +322,8 @@ class PrefixCache:
         self.tables.clear()  # drops the memory maps before their files go
         if self.directory is not None and self.on_disk:
             shutil.rmtree(self.directory, ignore_errors=True)
+            with contextlib.suppress(OSError):  # prefix_cache/ itself, once no rank's directory is left in it
+                self.directory.parent.rmdir()
         self.split, self.prepared, self.on_disk = None, False, False
 
     def begin_phase(self, index: int) -> None:
