@@ -26,15 +26,20 @@ from thawlab.schedules import phase_at
 
 
 class EpochTimer(L.Callback):
+    """Wall seconds and this process's CPU seconds per epoch: on a shared machine the CPU time (one thread)
+    moves much less with the other jobs' load than the wall time."""
+
     def __init__(self):
         self.seconds: list[tuple[str, float]] = []
+        self.cpu: list[float] = []
 
     def on_train_epoch_start(self, trainer, module):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
         phase = phase_at(module.phases, trainer.current_epoch)[1]
         self.seconds.append((phase.name, time.perf_counter() - self.start))
+        self.cpu.append(time.process_time() - self.cpu_start)
 
 
 def epoch_times(a, cache: bool) -> list[tuple[str, float]]:
@@ -50,7 +55,7 @@ def epoch_times(a, cache: bool) -> list[tuple[str, float]]:
     trainer = build_trainer(cfg.trainer, None, False, enable_progress_bar=False)
     trainer.callbacks.append(timer)
     trainer.fit(module, datamodule=dm)
-    return timer.seconds
+    return timer.seconds, timer.cpu
 
 
 def main():
@@ -64,13 +69,19 @@ def main():
     print(f"{a.model} at {a.img_size}x{a.img_size}, schedule=gradual (interval {a.interval}), {a.epochs} epochs, "
           f"{a.train_per_class * 10} training images, validation on ID + 6 OOD sets each epoch; "
           f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    results = {}
+    results, cpus = {}, {}
     for cache in (False, True):
-        results[cache] = epoch_times(a, cache)
-        print(f"  cache {'on ' if cache else 'off'}: " + ", ".join(f"{p} {s:.2f}" for p, s in results[cache]),
-              flush=True)
+        results[cache], cpus[cache] = epoch_times(a, cache)
+        print(f"  cache {'on ' if cache else 'off'}: " + ", ".join(f"{p} {s:.2f}" for p, s in results[cache])
+              + " s wall; CPU " + ", ".join(f"{c:.2f}" for c in cpus[cache]), flush=True)
+    for label, values in (("wall", lambda c: [s for _, s in results[c]]), ("CPU", lambda c: cpus[c])):
+        table({c: list(zip([p for p, _ in results[c]], values(c))) for c in (False, True)}, label)
+
+
+def table(results: dict, label: str) -> None:
     phases = list(dict.fromkeys(p for p, _ in results[False]))
-    print("\n| phase | epochs | uncached s/epoch | cached: first epoch | cached: later epochs | phase speed-up |")
+    print(f"\n{label} seconds")
+    print("| phase | epochs | uncached s/epoch | cached: first epoch | cached: later epochs | phase speed-up |")
     print("|---|---|---|---|---|---|")
     for name in phases:
         off = [s for p, s in results[False] if p == name]
@@ -81,7 +92,6 @@ def main():
     total_off, total_on = (sum(s for _, s in results[c]) for c in (False, True))
     print(f"| whole run | {len(results[False])} | {total_off:.1f} s | | {total_on:.1f} s | "
           f"{total_off / total_on:.2f}x |")
-
 
 if __name__ == "__main__":
     main()
