@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 import logging
 import os
 import sys
@@ -168,6 +169,7 @@ def check_config(cfg: DictConfig) -> None:
                            f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
                            f"applies to the head)")
     check_regularization(cfg)
+    cache_options(cfg)
 
 
 def check_text_head(cfg: DictConfig) -> None:
@@ -326,9 +328,30 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     return FineTuner(net, phases, OmegaConf.to_container(cfg.optimizer, resolve=True), dm.num_classes,
                      {"val": dm.eval_sets("val"), "test": dm.eval_sets("test")},
                      regularization=OmegaConf.to_container(cfg.regularization, resolve=True),
-                     cache_features=cfg.cache_features and dm.train_transform_deterministic, keep_probe_weights=wise,
+                     cache_features=cache_options(cfg, dm.train_transform_deterministic), keep_probe_weights=wise,
                      class_subsets=dm.class_subsets, channels_last=use_channels_last(cfg),
-                     fail_rank=cfg.ddp.fail_rank if "ddp" in cfg else None)
+                     fail_rank=cfg.ddp.fail_rank if "ddp" in cfg else None, note=console.print)
+
+
+def cache_options(cfg: DictConfig, deterministic: bool = True) -> dict:
+    """cache_features as a plain dict {enabled, prefix, max_gb, disk_gb}, from the block or a bare bool
+    (`cache_features=false`); off where the training inputs change every epoch (random augmentation). The
+    frozen-prefix cache is also off under trainer.compile: it swaps modules' forwards, which a compiled graph
+    would not see."""
+    from thawlab.config import CacheConfig
+
+    value = cfg.get("cache_features", True)
+    if isinstance(value, bool):
+        options = {**asdict(CacheConfig()), "enabled": value}
+    elif isinstance(value, DictConfig):
+        options = {**asdict(CacheConfig()), **OmegaConf.to_container(value, resolve=True)}
+    else:
+        raise ThawlabError(f"cache_features={value!r} must be true, false or a block such as "
+                           f"cache_features.max_gb=4")
+    options["enabled"] = options["enabled"] and deterministic
+    if cfg.trainer.get("compile"):
+        options["prefix"] = False
+    return options
 
 
 def use_channels_last(cfg: DictConfig) -> bool:

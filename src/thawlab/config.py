@@ -536,6 +536,16 @@ class LoggerConfig:
 
 
 @dataclass
+class CacheConfig:
+    # deterministic training inputs (no random augmentation, no Mixup/CutMix): a frozen backbone's features, and a
+    # phase's frozen prefix's activations, computed once per sample. `cache_features=false` turns both off.
+    enabled: bool = True
+    prefix: bool = True  # the frozen-prefix cache (false: only the fully frozen backbone's features are cached)
+    max_gb: float = num(2.0, "[0, inf)")  # the prefix's activations held in RAM up to this size (GB)
+    disk_gb: float = num(20.0, "[0, inf)")  # beyond max_gb: a memory-mapped file in the run directory, up to this
+
+
+@dataclass
 class TrainConfig:
     seed: int = num(0, SEED)
     task: str = "finetune"  # finetune | pretrain (experiment=pretrain_source)
@@ -547,7 +557,9 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
-    cache_features: bool = True  # frozen backbone + deterministic training data: compute features once
+    # the caches of frozen parts (CacheConfig); typed Any so that `cache_features=false` (a bool) still switches
+    # them off, as before the block existed: build.cache_options reads both forms
+    cache_features: Any = field(default_factory=CacheConfig)
     export: bool = False  # write model.safetensors, a plain timm state dict (always with adapters: merged)
     schedule: Any = MISSING
     head: Any = MISSING
@@ -576,9 +588,12 @@ def schema_classes() -> list[type]:
         if cls in seen:
             continue
         seen.append(cls)
-        for tp in typing.get_type_hints(cls).values():
-            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-                todo.append(tp)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            # a node typed Any that defaults to a schema dataclass (cache_features) holds that schema too
+            for tp in (hints[f.name], f.default_factory):
+                if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                    todo.append(tp)
     return seen
 
 

@@ -19,6 +19,7 @@ import os
 import random
 import warnings
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -30,6 +31,7 @@ from torch import nn
 
 from thawlab.metrics import eval_metrics, ood_mean, restrict
 from thawlab.model import ThawNet
+from thawlab.prefix_cache import PrefixCache
 from thawlab.schedules import Phase, lr_factor, momentum_at, phase_at
 
 # The per-set values logged at the end of an evaluation epoch come from torchmetrics objects that have already
@@ -132,15 +134,18 @@ class FeatureCache:
 
 class FineTuner(L.LightningModule):
     def __init__(self, net: ThawNet, phases: list[Phase], optimizer: dict, num_classes: int,
-                 eval_sets: dict[str, list[str]], regularization: dict | None = None, cache_features: bool = False,
-                 keep_probe_weights: bool = False, class_subsets: dict[str, torch.Tensor] | None = None,
-                 channels_last: bool = False, fail_rank: int | None = None):
+                 eval_sets: dict[str, list[str]], regularization: dict | None = None,
+                 cache_features: bool | dict = False, keep_probe_weights: bool = False,
+                 class_subsets: dict[str, torch.Tensor] | None = None, channels_last: bool = False,
+                 fail_rank: int | None = None, note=None):
         super().__init__()
         reg = dict(regularization or {})
+        # cache_features: a bool (both caches, default bounds) or the config's block {enabled, max_gb, disk_gb, prefix}
+        caching = dict(cache_features) if isinstance(cache_features, dict) else {"enabled": bool(cache_features)}
         # plain containers only: checkpoints must load with weights_only=True
         self.save_hyperparameters({"optimizer": dict(optimizer), "num_classes": num_classes,
                                    "phases": [asdict(p) for p in phases], "eval_sets": eval_sets,
-                                   "regularization": reg, "cache_features": cache_features})
+                                   "regularization": reg, "cache_features": caching})
         self.net, self.phases, self.opt_cfg, self.eval_sets = net, phases, dict(optimizer), eval_sets
         self.metrics = nn.ModuleDict({f"{stage}_{i}": eval_metrics(num_classes)
                                       for stage, names in eval_sets.items() for i in range(len(names))})
@@ -159,7 +164,11 @@ class FineTuner(L.LightningModule):
         self.mix = make_mixup(reg, num_classes)
         self.soft_target_loss = SoftTargetCrossEntropy()
         # a mixed batch is a new input every step: cached features of the unmixed images would be wrong
-        self.cache = FeatureCache() if cache_features and self.mix is None else None
+        cached = caching["enabled"] and self.mix is None
+        self.cache = FeatureCache() if cached else None
+        # the same rule for a frozen prefix, and the boundary moves with the phase (thawlab/prefix_cache.py)
+        self.prefix = PrefixCache(caching.get("max_gb", 2.0), caching.get("disk_gb", 20.0), note) \
+            if cached and caching.get("prefix", True) else None
         # WiSE-FT's theta_0: the weights when the first phase that trains more than the head starts (the end of
         # the linear probe; with a head that starts trained and no probe, the zero-shot model as built)
         self.keep_probe_weights = keep_probe_weights
@@ -179,9 +188,11 @@ class FineTuner(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------------
     def on_train_epoch_start(self):
-        _, phase, start = phase_at(self.phases, self.current_epoch)
+        index, phase, start = phase_at(self.phases, self.current_epoch)
         self.net.apply_phase(phase)
         self._match_ddp_to_phase()
+        if self.prefix is not None:
+            self.prefix.begin_phase(index)
         optimizer = self.optimizers().optimizer
         if self.current_epoch == start and phase.reset_optimizer:
             optimizer.state.clear()
@@ -223,6 +234,10 @@ class FineTuner(L.LightningModule):
     def on_train_start(self):
         self._start_digests = self._digests() if self.trainer.world_size > 1 else None
 
+    def on_fit_end(self):
+        if self.prefix is not None:
+            self.prefix.clear()  # its memory-mapped tables' files go with it
+
     def on_train_end(self):
         """Under DDP, every rank's pid, seed, a digest of its weights per block group and the groups whose
         weights changed in fit, gathered from all ranks (results.json `distributed`): the ranks must end fit
@@ -249,13 +264,22 @@ class FineTuner(L.LightningModule):
         x, _, idx = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        use_cache = self.cache is not None and self.net.backbone_frozen and stage != "test"
-        if not use_cache:
+        if self.cache is None or stage == "test":
             return self.net(x)
         dm = self.trainer.datamodule
         size = len(dm.train_set) if stage == "train" else len(list(dm.sets[stage].values())[dataloader_idx])
-        feats = self.cache(f"{stage}/{dataloader_idx}", size, x, idx, self.net.features)
-        return self.net.head(feats)
+        if self.net.backbone_frozen:
+            feats = self.cache(f"{stage}/{dataloader_idx}", size, x, idx, self.net.features)
+            return self.net.head(feats)
+        if self.prefix is None or self.prefix.phase is None:  # (validation before the first phase starts)
+            return self.net(x)
+        if not self.prefix.prepared and stage == "train":
+            samples = len(dm.train_set) + sum(len(s) for s in dm.sets["val"].values())
+            self.prefix.prepare(self.net, x, samples, Path(self.trainer.default_root_dir) / "prefix_cache",
+                                self.phases[self.prefix.phase].name, rank=self.global_rank)
+        if not self.prefix.active:
+            return self.net(x)
+        return self.net.head(self.prefix.features(self.net, f"{stage}/{dataloader_idx}", size, x, idx))
 
     def training_step(self, batch, batch_idx):
         if self.fail_rank is not None and self.global_rank == self.fail_rank:

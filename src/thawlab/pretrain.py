@@ -137,9 +137,11 @@ def _linear_head(cfg: DictConfig) -> DictConfig:
 
 def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
     """The pretraining recipe, whatever the fine-tuning's optimizer and regularisation."""
-    return OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
-                                               "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
-                                               "schedule": "cosine", "warmup_epochs": 0.0,
-                                               "no_decay_exemptions": False},  # the recipe cached weights had
-                                 "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0, "label_smoothing": 0.0,
-                                                    "mixup": 0.0, "cutmix": 0.0}, "cache_features": False})
+    c = OmegaConf.merge(cfg, {"optimizer": {"name": "adamw", "lr": cfg.data.pretrain.lr,
+                                            "weight_decay": cfg.data.pretrain.weight_decay, "layer_decay": 1.0,
+                                            "schedule": "cosine", "warmup_epochs": 0.0,
+                                            "no_decay_exemptions": False},  # the recipe cached weights had
+                              "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0, "label_smoothing": 0.0,
+                                                 "mixup": 0.0, "cutmix": 0.0}})
+    OmegaConf.update(c, "cache_features", False, merge=False)  # a bool replaces the block (build.cache_options)
+    return c

@@ -33,7 +33,10 @@ DIR_ENV = "THAWLAB_RESUME_DIR"  # its directory, read by Hydra as hydra.run.dir
 # computed (a prefix ends with a dot)
 FREE_KEYS = ("ckpt_path", "cache_dir", "export", "logger.", "trainer.enable_progress_bar",
              "trainer.log_every_n_steps", "ddp.timeout_s", "ddp.grace_s", "data.num_workers", "data.pin_memory",
-             "data.persistent_workers", "data.source.num_workers", "data.root", "data.paths.", "data.download")
+             "data.persistent_workers", "data.source.num_workers", "data.root", "data.paths.", "data.download",
+             # the caches of frozen parts change how (within float tolerance), not what; a bare bool or the block
+             # (checkpoints from before the block carry `cache_features: true`)
+             "cache_features", "cache_features.")
 
 
 def flat(d: dict, prefix: str = "") -> dict:
