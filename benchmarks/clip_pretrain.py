@@ -2,7 +2,8 @@
 
 For each pretraining seed (data.clip_pretrain.seed), pretrains `open_clip:thawlab-mini-clip` on the source task
 (force: the timing is measured, not read from a cache; a fresh cache dir) and reports:
-- the wall time of the pretraining (run under OMP_NUM_THREADS=1 and =2 to get both figures);
+- the wall time of the pretraining (run under OMP_NUM_THREADS=1 and =2 to get both figures), and the CPU
+  time of the process (on a shared machine the wall time also counts the other processes' turns);
 - source test accuracy: image -> caption retrieval among the 34 source classes (the caption templates);
 - zero-shot accuracy of OpenCLIP's build_zero_shot_classifier with the target's data.classnames and
   data.templates on the target's test split (id) and every OOD test set; also with a template the
@@ -41,15 +42,16 @@ def main() -> None:
             cfg = compose_cfg(["backbone.name=open_clip:thawlab-mini-clip", f"cache_dir={cache}",
                                f"data.clip_pretrain.seed={seed}", "trainer.enable_progress_bar=false",
                                *args.overrides])
-            start = time.time()
+            start, cpu = time.time(), time.process_time()
             path = cp.source_weights(cfg, force=True)
-            seconds = time.time() - start
+            seconds, cpu = time.time() - start, time.process_time() - cpu
             meta = json.loads((path.parent / "meta.json").read_text())
             model, tokenizer = cp.create(cp.model_name(cfg), str(path))
             dm = build_datamodule(cfg.data, cp.preprocess_of(model, cfg.data.img_size))
             dm.setup("test")
             loaders = dm.eval_dataloaders("test")
             row = {"seed": seed, "threads": torch.get_num_threads(), "pretrain_s": round(seconds, 1),
+                   "pretrain_cpu_s": round(cpu, 1),
                    "source_acc": meta["source_test_acc"], "logit_scale": meta["logit_scale"]}
             for label, templates in (("zs", cfg.data.templates), ("zs_unseen", UNSEEN),
                                      ("zs_captions", cfg.data.clip_pretrain.templates)):
@@ -61,7 +63,7 @@ def main() -> None:
     print(f"\n{'':22}" + "".join(f"{'seed ' + str(r['seed']):>10}" for r in rows) + f"{'mean':>10}")
     for k in keys:
         vals = [r[k] for r in rows]
-        pct = k not in ("pretrain_s", "logit_scale")
+        pct = k not in ("pretrain_s", "pretrain_cpu_s", "logit_scale")
         fmt = (lambda v: f"{100 * v:10.1f}") if pct else (lambda v: f"{v:10.1f}")
         print(f"{k:22}" + "".join(fmt(v) for v in vals) + fmt(sum(vals) / len(vals)))
     if args.json:
