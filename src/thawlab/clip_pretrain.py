@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class ContrastivePretraining(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        n_classes, n_templates, length = self.texts.shape
+        _, n_templates, length = self.texts.shape
         template = torch.randint(n_templates, y.shape, device=y.device)
         # identical captions give identical text features: encode each distinct caption of the batch once
         # (same features, same gradients as encoding every caption; the text tower has no dropout)
@@ -127,7 +128,7 @@ class ContrastivePretraining(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         with torch.no_grad():  # as open_clip_train: the temperature may not fall below 1/100
-            self.model.logit_scale.clamp_(0, torch.log(torch.tensor(100.0)).item())
+            self.model.logit_scale.clamp_(0, math.log(100))
 
     def configure_optimizers(self):
         from open_clip_train.scheduler import cosine_lr
@@ -136,10 +137,10 @@ class ContrastivePretraining(L.LightningModule):
         # open_clip_train's split: no weight decay on gains, biases, embeddings of rank < 2 and the logit scale
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-                                 {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": r["weight_decay"]}],
-                                lr=r["lr"], betas=(0.9, 0.98), eps=1e-6,
-                                fused=True)  # the same update; 5x faster on a CPU over the 6.3M-entry token table
+        groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                  {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": r["weight_decay"]}]
+        # fused: the same update in one kernel, 5x faster on a CPU over the 6.3M-entry token table
+        opt = torch.optim.AdamW(groups, lr=r["lr"], betas=(0.9, 0.98), eps=1e-6, fused=True)
         self.lr_schedule = cosine_lr(opt, r["lr"], r["warmup_steps"], self.steps)
         return opt
 
@@ -178,7 +179,8 @@ def zero_shot_accuracy(model, tokenizer, classnames, templates, loaders: dict) -
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     model.eval()
-    weights = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates), num_classes_per_batch=None)
+    weights = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates),
+                                         num_classes_per_batch=None)
     out = {}
     for name, loader in loaders.items():
         f, y = features(model, loader)
@@ -206,9 +208,8 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
     from safetensors.torch import save_file
 
     from thawlab.build import build_datamodule, build_trainer, console
-    from thawlab.results import atomic_write_json
-
     from thawlab.pretrain import META, WEIGHTS
+    from thawlab.results import atomic_write_json
 
     r = OmegaConf.to_container(cfg.data.clip_pretrain, resolve=True)
     name = model_name(cfg)
@@ -234,10 +235,11 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
                                 strategy="auto", limit_train_batches=None, gradient_clip_val=None,
                                 limit_val_batches=0, limit_test_batches=None, num_sanity_val_steps=0,
                                 enable_progress_bar=cfg.trainer.get("enable_progress_bar", True))
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, train_dataloaders=dm.train_dataloader())  # no validation: the test set is scored after
     model = model.cpu().eval()
     # source test accuracy: image -> text retrieval among the source classes under the caption templates
-    acc = zero_shot_accuracy(model, tokenizer, classnames, r["templates"], {"id": dm.eval_dataloaders("test")["id"]})["id"]
+    test = {"id": dm.eval_dataloaders("test")["id"]}
+    acc = zero_shot_accuracy(model, tokenizer, classnames, r["templates"], test)["id"]
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
     seconds = round(time.time() - start, 1)
     atomic_write_json(out / META, {"backbone": cfg.backbone.name, "source_classes": len(classnames),
