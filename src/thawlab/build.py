@@ -291,12 +291,16 @@ def _load_pretrained_classifier(head, model, pretrained, num_classes: int) -> No
     head.fc.load_state_dict(classifier.state_dict())
 
 
+# keys of a data config that describe the data rather than construct its data module
+NOT_DATA_MODULE_KEYS = ("source", "pretrain", "img_size", "classnames", "templates", "clip_pretrain")
+
+
 def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target",
                      shuffle_seed: int = 0) -> L.LightningDataModule:
     """task=target: the data set's own task; task=source: its pretraining task (data.source)."""
     node = data_cfg.source if task == "source" else data_cfg
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-              if k not in ("source", "pretrain", "img_size", "classnames", "templates")}
+              if k not in NOT_DATA_MODULE_KEYS}
     from hydra.errors import InstantiationException
 
     try:

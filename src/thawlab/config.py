@@ -376,6 +376,23 @@ class DataConfig:
     # overrides them)
     classnames: Optional[list[str]] = None
     templates: Optional[list[str]] = None
+    # the contrastive pretraining of an OpenCLIP backbone on the source task (thawlab.clip_pretrain): data=digits
+    # has one; null elsewhere
+    clip_pretrain: Any = None
+
+
+@dataclass
+class ClipPretrainConfig:
+    """Recipe of the contrastive source pretraining of an OpenCLIP model (backbone.name=open_clip:...,
+    backbone.pretrained=source): captions are the templates filled with the source class names."""
+
+    templates: list[str] = MISSING
+    epochs: int = num(6, "[1, inf)")
+    lr: float = num(1e-3, "(0, inf)")
+    weight_decay: float = num(0.1, "[0, inf)")
+    warmup_steps: int = num(50, "[0, inf)")
+    batch_size: int = num(256, "[1, inf)")
+    seed: int = num(0, SEED)
 
 
 @dataclass
@@ -403,6 +420,7 @@ class DigitsConfig(DataConfig):
     img_size: int = num(32, "[1, inf)")
     source: DigitsSourceConfig = field(default_factory=DigitsSourceConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    clip_pretrain: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
 
 
 DATA_ROOT = "${oc.env:THAWLAB_DATA,${oc.env:HOME}/data}"  # where the real data sets live by default

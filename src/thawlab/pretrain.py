@@ -47,12 +47,27 @@ def cache_dir(cfg: DictConfig) -> Path:
 
 def source_weights(cfg: DictConfig, force: bool = False) -> Path:
     """Path of the cached source-pretrained weights for this config, pretraining first if needed."""
+    if str(cfg.backbone.name).startswith("open_clip:"):
+        # the one dispatch on the backbone's kind: an OpenCLIP model pretrains both towers contrastively on
+        # captions made from the source labels (thawlab.clip_pretrain); same cache layout, lock and marker
+        from thawlab import clip_pretrain
+
+        return clip_pretrain.source_weights(cfg, force)
+    check_source(cfg)
+    return run_cached(cache_dir(cfg), force, lambda out: _pretrain(cfg, out))
+
+
+def check_source(cfg: DictConfig) -> None:
     if not (cfg.data.get("source") or {}).get("_target_"):
         from thawlab.errors import ThawlabError
 
         raise ThawlabError(f"backbone.pretrained=source: data {cfg.data._target_!r} has no source task; "
                            f"use true (hub), false or a weights file")
-    d = cache_dir(cfg)
+
+
+def run_cached(d: Path, force: bool, pretrain) -> Path:
+    """d/weights.safetensors, made by pretrain(d) unless a finished run left it there (its `done` marker),
+    under d's file lock so that concurrent sweep jobs pretrain once. d/meta.json must give source_test_acc."""
     with _locked(d):
         if (d / "done").exists() and not force:
             meta = json.loads((d / META).read_text())
@@ -61,7 +76,7 @@ def source_weights(cfg: DictConfig, force: bool = False) -> Path:
             return d / WEIGHTS
         (d / "done").unlink(missing_ok=True)
         try:
-            _pretrain(cfg, d)
+            pretrain(d)
         except BaseException:
             # a failed pretraining leaves no directory behind (only a lock and half a result would be
             # left for later runs to trip over); a job waiting on the lock notices and starts afresh

@@ -217,6 +217,7 @@ class DigitsSource(ImageSets):
     """The pretraining task: 34 printed characters in 21 fonts; `renders` images per class and font."""
 
     num_classes = len(SOURCE_CLASSES)
+    classnames = tuple(SOURCE_CLASSES)  # what a CLIP's source captions call each class (thawlab.clip_pretrain)
 
     def __init__(self, preprocess: Preprocess = Preprocess(), renders: int = 30, test_renders: int = 4,
                  seed: int = 0, **loader_kwargs):
