@@ -163,3 +163,32 @@ def test_captions_and_contrastive_step():
     reference.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(mine[n], p.grad, atol=1e-6), n
+
+
+def test_a_run_from_the_embedded_clip_reports_zero_shot_and_forgetting(clip_weights, tmp_path):
+    """The whole CLI path: backbone.pretrained=source on the small CLIP with head=zeroshot. The zero-shot
+    evaluation before training equals OpenCLIP's own zero-shot classifier on the same images; with the image tower
+    frozen, forgetting (the fine-tuned image tower under the pretrained text tower's source-class head) equals the
+    pretrained model's own source accuracy: nothing was forgotten."""
+    from conftest import compose_cfg
+
+    from thawlab.results import read_results
+    from thawlab.train import train
+
+    cfg0, path = clip_weights
+    overrides = ["logger=none", "trainer.enable_progress_bar=false", f"cache_dir={cfg0.cache_dir}",
+                 "backbone.name=open_clip:thawlab-mini-clip", *SHORT, "backbone.pretrained=source", "head=zeroshot",
+                 "schedule=frozen", "trainer.max_epochs=1"]
+    train(compose_cfg(overrides, tmp_path))
+    out = read_results(tmp_path)
+    m = out["metrics"]
+    assert out["status"] == "done"
+    model, tokenizer = cp.create("thawlab-mini-clip", str(path))
+    dm = build_datamodule(cfg0.data, cp.preprocess_of(model, cfg0.data.img_size))
+    dm.setup("test")
+    loaders = dm.eval_dataloaders("test")
+    ref = cp.zero_shot_accuracy(model, tokenizer, cfg0.data.classnames, cfg0.data.templates,
+                                {k: loaders[k] for k in ("id", "ood/printed")})
+    assert m["test/zeroshot/id/acc"] == pytest.approx(ref["id"], abs=1e-6)
+    assert m["test/zeroshot/ood/printed/acc"] == pytest.approx(ref["ood/printed"], abs=1e-6)
+    assert m["test/source/acc"] == pytest.approx(m["pretrain/source/acc"], abs=1e-6)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 PREFIX = "open_clip:"
@@ -248,3 +249,41 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
                                    "config": OmegaConf.to_container(cfg.data, resolve=True)})
     console.print(f"pretraining done in {seconds:.0f}s: source test acc (image -> caption among "
                   f"{len(classnames)} classes) {100 * acc:.1f}%")
+
+
+class _ZeroShotOnFeatures(nn.Module):
+    """An image tower followed by a fixed zero-shot classifier: logits = scale * normalise(f) @ W."""
+
+    def __init__(self, tower: nn.Module, weights: torch.Tensor, scale: float):
+        super().__init__()
+        self.tower, self.scale = tower, scale
+        self.register_buffer("weights", weights)
+
+    def forward(self, x):
+        return self.scale * torch.nn.functional.normalize(self.tower(x), dim=-1) @ self.weights
+
+
+def source_retention(cfg: DictConfig, net, preprocess, weights: Path) -> dict[str, float]:
+    """Forgetting for a CLIP fine-tuned from the embedded pretraining: the fine-tuned image tower, classified by
+    the *pretrained* text tower's zero-shot head over the source classes under the caption templates (the same
+    image -> caption retrieval that gave the pretrained model's figure, `pretrain/source/acc`), on the source test
+    set: `test/source/*`, as thawlab.pretrain.source_retention gives for timm backbones with their source head."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from thawlab.build import build_datamodule
+    from thawlab.metrics import evaluate
+    from thawlab.pretrain import META
+
+    meta = json.loads((Path(weights).parent / META).read_text())
+    model, tokenizer = create(model_name(cfg), str(weights))
+    model.eval()
+    with torch.no_grad():
+        zs = build_zero_shot_classifier(model, tokenizer, list(meta["source_classnames"]),
+                                        list(cfg.data.clip_pretrain.templates), num_classes_per_batch=None)
+    dm = build_datamodule(cfg.data, preprocess, task="source", shuffle_seed=cfg.data.clip_pretrain.seed)
+    dm.setup("test")
+    device = next(net.backbone.parameters()).device
+    scored = _ZeroShotOnFeatures(net.backbone, zs.to(device), float(model.logit_scale.detach().exp()))
+    values = evaluate(scored, {"source": dm.eval_dataloaders("test")["id"]}, len(meta["source_classnames"]), "test")
+    return {**values, "pretrain/source/acc": float(meta["source_test_acc"])}
+

@@ -132,6 +132,10 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
 def source_retention(cfg: DictConfig, net, preprocess, weights: Path) -> dict[str, float]:
     """Forgetting: the fine-tuned backbone with the original source head on the source test set
     (`test/source/*`), next to the pretrained model's own figure (`pretrain/source/acc`)."""
+    if str(cfg.backbone.name).startswith("open_clip:"):  # no source head: the pretrained text tower's instead
+        from thawlab import clip_pretrain
+
+        return clip_pretrain.source_retention(cfg, net, preprocess, weights)
     dm = build_datamodule(cfg.data, preprocess, task="source", shuffle_seed=cfg.data.pretrain.seed)
     dm.setup("test")
     model = nn.Sequential(net.backbone, classifier_of(load_file(str(weights)), net.backbone))
