@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from thawlab import config, sweep
+from thawlab import config, sweep, threads
 from thawlab.errors import ThawlabError
 from thawlab.loggers import finish_wandb, log_final_metrics
 from thawlab.results import DONE, RunRecord, read_results
@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path is not None:
         job["resumed"] = resume_event(run_dir, check_matches(OmegaConf.to_container(cfg, resolve=True),
                                                              ckpt_path)["epoch"])
+    set_threads(cfg, job)
     with interruptible():
         n = ranks.must_start_ranks(cfg)
         if not n:
@@ -69,6 +70,20 @@ def train(cfg: DictConfig) -> dict:
             _mark_failed(record, e)
             raise
     return read_results(run_dir)["metrics"]
+
+
+def set_threads(cfg: DictConfig, job: dict) -> None:
+    """A sweep job's share of the cores (thawlab.threads), printed; ranks it starts inherit OMP_NUM_THREADS."""
+    from thawlab import ranks, threads
+    from thawlab.build import console
+
+    try:  # DDP ranks on this machine share its cores too; a bad trainer.devices is reported by the checks
+        per_job = ranks.world_size(cfg) // int(cfg.trainer.get("num_nodes", 1))
+    except (ThawlabError, TypeError, ValueError):
+        per_job = 1
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False) if job["multirun"] else {}
+    plan = threads.plan(multirun=job["multirun"], launcher=launcher, processes_per_job=per_job, env=os.environ)
+    console.print(plan.line(threads.apply(plan)))
 
 
 def new_record(cfg: DictConfig, job: dict, write: bool = True) -> RunRecord:
@@ -318,6 +333,7 @@ def _exit_with(message: str, code: int = 2) -> None:
 def main() -> None:
     """Console entry point: bad input is one line on stderr and exit status 2, never a traceback."""
     config.register()
+    threads.record_launch_setting()  # before a launcher's workers export their own OMP_NUM_THREADS
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, rather than Hydra's multi-line report
     try:
         if not _take_resume_flag():
