@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 # per device: the models (name, extra overrides), input size, batch, warm-up and timed steps
 PRESETS = {
     "cuda": {"models": {"resnet50": [], "vit_base_patch16_224": []}, "img_size": 224, "batch": 128,
-             "warmup": 5, "steps": 30, "row_s": 90, "compile_row_s": 150, "budget_s": 460, "per_class": 100,
+             "warmup": 5, "steps": 30, "row_s": 90, "compile_row_s": 150, "budget_s": 440, "per_class": 100,
              "compile_backend": None},
     # a check that every row runs, not a measurement: one tiny model, compiled by dynamo with the eager backend
     "cpu": {"models": {"test_resnet": []}, "img_size": 32, "batch": 8, "warmup": 1, "steps": 2, "row_s": 120,
@@ -314,6 +314,8 @@ def child(a) -> None:
             traceback.print_exc()
             message = f"{type(e).__name__}: {e}".splitlines()[0][:160]
             print("FAIL " + json.dumps({"id": row["id"], "error": message}), flush=True)
+            if a.device == "cuda" and "CUDA" in message and "out of memory" not in message:
+                sys.exit(3)  # the context may be broken: the next rows get a fresh worker
         finally:
             if a.device == "cuda":
                 import gc
@@ -352,7 +354,7 @@ def run_rows(todo: list[dict], a, preset: dict, deadline: float) -> dict:
             q.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        current, started, cap = None, time.perf_counter(), preset["row_s"]
+        current, started, cap, started_any = None, time.perf_counter(), preset["row_s"], False
         while True:
             left = min(cap - (time.perf_counter() - started), deadline - time.perf_counter())
             try:
@@ -365,14 +367,20 @@ def run_rows(todo: list[dict], a, preset: dict, deadline: float) -> dict:
                 proc.kill()
                 break
             if line is None:  # the worker ended
-                if current is not None:
-                    err.seek(0)
-                    tail = [x for x in err.read().splitlines() if x.strip()]
-                    results[current["id"]] = {"error": (tail or [f"worker exited {proc.wait()}"])[-1][:160]}
-                    print(f"  {current['id']}: {results[current['id']]['error']}", flush=True)
+                err.seek(0)
+                tail = [x for x in err.read().splitlines() if x.strip()]
+                why = (tail or [f"worker exited {proc.wait()}"])[-1][:160]
+                if current is not None:  # it took this row down with it
+                    results[current["id"]] = {"error": why}
+                    print(f"  {current['id']}: {why}", flush=True)
+                elif not started_any:  # it never got to a row (an import error): no worker will
+                    for row in pending:
+                        results[row["id"]] = {"error": f"the benchmark's worker failed to start: {why}"}
+                    print(f"  worker failed to start: {why}", flush=True)
                 break
             kind, _, rest = line.rstrip("\n").partition(" ")
             if kind == "START":
+                started_any = True
                 current = next(r for r in pending if r["id"] == rest)
                 started = time.perf_counter()
                 cap = preset["compile_row_s"] if current.get("compile") else preset["row_s"]

@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path is not None:
         job["resumed"] = resume_event(run_dir, check_matches(OmegaConf.to_container(cfg, resolve=True),
                                                              ckpt_path)["epoch"])
-    set_threads(cfg, job)
+    job["threads"] = set_threads(cfg, job)  # printed by run() once the config has passed its checks
     with interruptible():
         n = ranks.must_start_ranks(cfg)
         if not n:
@@ -72,10 +72,10 @@ def train(cfg: DictConfig) -> dict:
     return read_results(run_dir)["metrics"]
 
 
-def set_threads(cfg: DictConfig, job: dict) -> None:
-    """A sweep job's share of the cores (thawlab.threads), printed; ranks it starts inherit OMP_NUM_THREADS."""
-    from thawlab import ranks, threads
-    from thawlab.build import console
+def set_threads(cfg: DictConfig, job: dict) -> str:
+    """A sweep job's share of the cores (thawlab.threads); the ranks it starts inherit OMP_NUM_THREADS.
+    Returns the line that says so."""
+    from thawlab import ranks
 
     try:  # DDP ranks on this machine share its cores too; a bad trainer.devices is reported by the checks
         per_job = ranks.world_size(cfg) // int(cfg.trainer.get("num_nodes", 1))
@@ -83,7 +83,7 @@ def set_threads(cfg: DictConfig, job: dict) -> None:
         per_job = 1
     launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False) if job["multirun"] else {}
     plan = threads.plan(multirun=job["multirun"], launcher=launcher, processes_per_job=per_job, env=os.environ)
-    console.print(plan.line(threads.apply(plan)))
+    return plan.line(threads.apply(plan))
 
 
 def new_record(cfg: DictConfig, job: dict, write: bool = True) -> RunRecord:
@@ -149,6 +149,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
     try:
         check_config(cfg)
         ranks.check(cfg)
+        if job.get("threads"):
+            say(job["threads"])
         ckpt_path = resume_path(cfg.ckpt_path, run_dir, job["multirun"])
         if ckpt_path is None and rank == 0:  # a fresh start: checkpoints of an earlier attempt must not linger
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
