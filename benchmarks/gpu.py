@@ -80,10 +80,12 @@ def _cfg(row: dict, a, extra: list[str]):
 
 
 class StepTimer:
-    """Wall time of the steps after the warm-up, synchronised with the device."""
+    """Wall time from the start of step `warmup` to the end of step `total` (1-based count), the device
+    synchronised only there: a sync every step would stall the GPU's queue in both loops alike."""
 
-    def __init__(self, warmup: int, device: str):
-        self.warmup, self.device, self.step, self.start, self.end = warmup, device, 0, None, None
+    def __init__(self, warmup: int, total: int, device: str):
+        self.warmup, self.total, self.device = warmup, total, device
+        self.step, self.start, self.end = 0, None, None
 
     def _sync(self):
         if self.device == "cuda":
@@ -98,10 +100,13 @@ class StepTimer:
 
     def after(self):
         self.step += 1
-        self._sync()
-        self.end = time.perf_counter()
+        if self.step == self.total:
+            self._sync()
+            self.end = time.perf_counter()
 
     def seconds(self) -> float:
+        if self.start is None or self.end is None:
+            raise RuntimeError(f"only {self.step} of {self.total} training steps ran (warm-up {self.warmup})")
         return self.end - self.start
 
 
@@ -173,7 +178,7 @@ def row_loop(row: dict, a) -> dict:
     net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained=False)
     precision, cl = _precision(cfg), use_channels_last(cfg)
     batches = _device_batches(a, dm.num_classes, cl)
-    timer = StepTimer(a.warmup, a.device)
+    timer = StepTimer(a.warmup, a.warmup + a.steps, a.device)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if row["impl"] == "thawlab":
@@ -281,14 +286,11 @@ def row_folder(row: dict, a) -> dict:
     net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained=False)
     prepare_for_device(cfg, net)
     module = build_module(cfg, net, dm)
-    timer = StepTimer(a.warmup, a.device)
+    timer = StepTimer(a.warmup, a.warmup + a.steps, a.device)
     trainer = build_trainer(cfg.trainer, None, False, enable_progress_bar=False)
     trainer.callbacks.append(_lightning_timer(timer))
     trainer.fit(module, datamodule=dm)
-    if timer.start is None:
-        raise RuntimeError(f"only {timer.step} training batches ran: not enough images for the warm-up")
-    steps = timer.step - a.warmup
-    out = {"images_s": steps * a.batch / timer.seconds(), "workers": workers, "augment": cfg.data.augment,
+    out = {"images_s": a.steps * a.batch / timer.seconds(), "workers": workers, "augment": cfg.data.augment,
            "precision": _precision(cfg)}
     if a.device == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
