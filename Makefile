@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	WANDB_SILENT=true $(BIN)/thawlab-train
 
+# TEST_WORKERS pytest-xdist processes (TEST_WORKERS=0: one process), each with its share of the cores
+# (tests/conftest.py). --dist loadfile keeps a file's tests in one worker, so a module's shared fixtures
+# (the findings' 10-seed runs, the report's sweep) are computed once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=12 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12 $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache dist build

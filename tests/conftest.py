@@ -21,9 +21,30 @@ TRAIN = str(Path(sys.executable).parent / "thawlab-train")
 BASE = ["debug=smoke", "logger=none", "trainer.enable_progress_bar=false"]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2`), each worker gets its share of the cores: torch processes
+    that each use every core wait on each other several-fold. An explicit OMP_NUM_THREADS wins. Set in the
+    environment too, so that the thawlab-train subprocesses a test starts inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        from thawlab.threads import available_cores
+
+        threads = max(1, available_cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
-    """One pretraining cache for the whole session: the smoke pretraining runs once."""
+    """One pretraining cache for the whole session: the smoke pretraining runs once. Under pytest-xdist the
+    workers share it (the directory above each worker's own basetemp): thawlab.pretrain fills each entry once
+    under a file lock, so the worker that comes second waits and reads it, as concurrent sweep jobs do."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "thawlab-cache"
+        shared.mkdir(exist_ok=True)
+        return str(shared)
     return str(tmp_path_factory.mktemp("thawlab-cache"))
 
 
@@ -103,6 +124,8 @@ class KillAfter(L.Callback):
 
 
 def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | None = None):
-    """thawlab-train as a user runs it: a subprocess, with its exit code and its streams."""
+    """thawlab-train as a user runs it: a subprocess, with its exit code and its streams. env: variables to
+    set, or to remove (None)."""
     e = {**os.environ, "THAWLAB_CACHE": cache, "WANDB_SILENT": "true", **(env or {})}
+    e = {k: v for k, v in e.items() if v is not None}
     return subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import cli
 from thawlab import config
+from thawlab.threads import available_cores
 from thawlab.train import conf_dir
 
 QUIET = ["debug=smoke", "logger=none", "trainer.enable_progress_bar=false"]
@@ -62,13 +63,18 @@ def test_failures_are_listed_and_a_relaunch_skips_done_jobs(tmp_path, cache_dir)
 def test_parallel_and_submitit_launchers(tmp_path, cache_dir, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
+    # no OMP_NUM_THREADS (pytest-xdist's workers set one): each job takes its share of the cores itself
     r = cli("-m", *QUIET, "schedule=frozen,lp_ft", "seed=3", f"hydra/launcher={launcher}", *extra,
-            f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=cache_dir, timeout=600)
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=cache_dir, timeout=600, env={"OMP_NUM_THREADS": None})
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = _jobs(sweep)
     assert sorted(j["config"]["schedule"]["name"] for j in jobs.values()) == ["frozen", "lp_ft"]
     assert all(j["status"] == "done" and j["seed"] == 3 for j in jobs.values())
     assert "2 of 2 jobs done" in r.stderr
+    share = f"threads: {max(1, available_cores() // 2)} per process ({available_cores()} cores / 2 jobs at once"
+    for name in jobs:
+        log = (sweep / name / "train.log").read_text()
+        assert share in log, [line for line in log.splitlines() if "threads" in line]
 
 
 def test_slurm_launcher_config_takes_tasks_and_gpus_from_the_trainer():

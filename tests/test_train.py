@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omegaconf import OmegaConf
-
-from conftest import cli
+from conftest import cli, compose_cfg
 from thawlab import pretrain
 from thawlab.results import read_results
 
@@ -60,14 +58,17 @@ def test_cli_run_and_failure_marks_failed(tmp_path, cache_dir):
     assert not (tmp_path / "bad" / "done").exists()
 
 
-def test_experiment_pretrain_source_reruns_the_cached_pretraining(tmp_path, cache_dir, run):
-    r = run("schedule=frozen", "trainer.max_epochs=1")  # makes sure the smoke pretraining is cached
-    # other tests cache other pretrainings (other sizes, sources) in the same dir: find this run's own
-    meta = pretrain.cache_dir(OmegaConf.create(r["config"])) / "meta.json"
+def test_experiment_pretrain_source_reruns_the_cached_pretraining(tmp_path):
+    # a cache of its own: rewriting the session's shared one would pull the weights from under other tests
+    # (pytest-xdist workers) that read them outside the lock
+    cache = str(tmp_path / "cache")
+    cfg = compose_cfg(["debug=smoke", f"cache_dir={cache}"])
+    pretrain.source_weights(cfg)  # the smoke pretraining, cached
+    meta = pretrain.cache_dir(cfg) / "meta.json"
     assert meta.exists(), meta
     before = meta.stat().st_mtime_ns
     r = cli("experiment=pretrain_source", "debug=smoke", f"hydra.run.dir={tmp_path}/pre", cwd=tmp_path,
-            cache=cache_dir)
+            cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pretraining done" in r.stderr and meta.stat().st_mtime_ns > before
     assert (meta.parent / "done").exists() and (meta.parent / "weights.safetensors").exists()

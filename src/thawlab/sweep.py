@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from thawlab import threads
 from thawlab.results import DONE, RESULTS
 
 MAX_NAME = 150  # bytes of a directory name kept readable; longer override lists end in a hash
@@ -40,6 +42,12 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.started = time.time() - 1  # file times have a resolution of a second on some file systems
         failed_jobs.clear()
+        # the jobs' processes (joblib workers, submitit tasks) inherit it: each takes its share of the cores
+        size = threads.sweep_size(config)
+        if size:
+            os.environ[threads.SWEEP_JOBS] = str(size)
+        else:
+            os.environ.pop(threads.SWEEP_JOBS, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)

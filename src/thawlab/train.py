@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from thawlab import config, sweep
+from thawlab import config, sweep, threads
 from thawlab.errors import ThawlabError
 from thawlab.loggers import finish_wandb, log_final_metrics
 from thawlab.results import DONE, RunRecord, read_results
@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path is not None:
         job["resumed"] = resume_event(run_dir, check_matches(OmegaConf.to_container(cfg, resolve=True),
                                                              ckpt_path)["epoch"])
+    job["threads"] = set_threads(cfg, job)  # printed by run() once the config has passed its checks
     with interruptible():
         n = ranks.must_start_ranks(cfg)
         if not n:
@@ -69,6 +70,20 @@ def train(cfg: DictConfig) -> dict:
             _mark_failed(record, e)
             raise
     return read_results(run_dir)["metrics"]
+
+
+def set_threads(cfg: DictConfig, job: dict) -> str:
+    """A sweep job's share of the cores (thawlab.threads); the ranks it starts inherit OMP_NUM_THREADS.
+    Returns the line that says so."""
+    from thawlab import ranks
+
+    try:  # DDP ranks on this machine share its cores too; a bad trainer.devices is reported by the checks
+        per_job = ranks.world_size(cfg) // int(cfg.trainer.get("num_nodes", 1))
+    except (ThawlabError, TypeError, ValueError):
+        per_job = 1
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False) if job["multirun"] else {}
+    plan = threads.plan(multirun=job["multirun"], launcher=launcher, processes_per_job=per_job, env=os.environ)
+    return plan.line(threads.apply(plan))
 
 
 def new_record(cfg: DictConfig, job: dict, write: bool = True) -> RunRecord:
@@ -135,6 +150,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
     try:
         check_config(cfg)
         ranks.check(cfg)
+        if job.get("threads"):
+            say(job["threads"])
         ckpt_path = resume_path(cfg.ckpt_path, run_dir, job["multirun"])
         if ckpt_path is None and rank == 0:  # a fresh start: checkpoints of an earlier attempt must not linger
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -343,6 +360,7 @@ def _exit_with(message: str, code: int = 2) -> None:
 def main() -> None:
     """Console entry point: bad input is one line on stderr and exit status 2, never a traceback."""
     config.register()
+    threads.record_launch_setting()  # before a launcher's workers export their own OMP_NUM_THREADS
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, rather than Hydra's multi-line report
     try:
         if not _take_resume_flag():
