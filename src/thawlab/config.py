@@ -338,6 +338,18 @@ class RegularizationConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Drift from the pretrained network per block group (thawlab/diagnostics.py): linear CKA and relative
+    feature change on a fixed sample of each test set, relative weight change, LP-FT's feature distortion."""
+
+    enabled: bool = True  # diagnostics=none: off
+    # also every this many epochs during training (null: only the selected checkpoint, after training)
+    every: Optional[int] = num(None, "[1, inf)", "null: after training only")
+    samples: int = num(512, "[1, inf)")  # images per set (a set with fewer: all of it), drawn from the seed
+    sets: Optional[list[str]] = None  # test sets by name (id, ood/<name>); null: every test set
+
+
+@dataclass
 class PretrainConfig:
     """Recipe of thawlab's own pretraining on a data set's source task (backbone.pretrained=source)."""
 
@@ -525,6 +537,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     cache_features: bool = True  # frozen backbone + deterministic training data: compute features once
     export: bool = False  # write model.safetensors, a plain timm state dict (always with adapters: merged)
     schedule: Any = MISSING
