@@ -148,6 +148,7 @@ def test_run_records_drift_per_epoch_and_of_the_selected_checkpoint(run):
     f = frozen["diagnostics"]["final"]
     assert all(v == 0.0 for g, v in f["weight_change"].items() if g != "head")
     assert all(v == pytest.approx(1.0) for v in f["cka"]["id"].values())
+    assert set(f["distortion"].values()) == {None}  # no ID feature change: the ratio is undefined
     assert len(f["cka"]) == 7 and "history" in frozen["diagnostics"] and not frozen["diagnostics"]["history"]
     assert "diagnostics" not in run("diagnostics=none")
 

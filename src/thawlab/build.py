@@ -408,4 +408,20 @@ def print_drift(entry: dict) -> None:
     out.print(table)
     if entry["distortion"]:
         out.print("feature distortion (LP-FT), OOD / ID feature change at the pooled output: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in entry["distortion"].items()))
+                  + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in entry["distortion"].items()))
+
+
+def print_auto_lr(trace: list[dict]) -> None:
+    """Auto-RGN / Auto-SNR: per epoch, each block group's mean lr multiplier (thawlab/auto_lr.py): which groups
+    the gradient statistics chose."""
+    rows = [t for t in trace if t.get("auto_lr")]
+    if not rows:
+        return
+    groups = list(rows[0]["auto_lr"])
+    table = Table(title="Automatic layer choice: mean lr multiplier of each group's tensors, per epoch",
+                  title_justify="left")
+    for col in ("epoch", *groups):
+        table.add_column(col, justify="right")
+    for t in rows:
+        table.add_row(str(t["epoch"]), *[f"{t['auto_lr'].get(g, 0.0):.3g}" for g in groups])
+    out.print(table)

@@ -289,6 +289,18 @@ class SurgicalConfig(ScheduleConfig):
 
 
 @dataclass
+class AutoRGNConfig(ScheduleConfig):
+    batches: int = num(5, "[1, inf)")  # training batches the gradient statistics are averaged over, each epoch
+    # the new head at the full lr whatever its statistics (false, with head.pretrained=true: as the paper)
+    train_head: bool = True
+
+
+@dataclass
+class AutoSNRConfig(AutoRGNConfig):
+    threshold: float = num(0.95, "[0, inf)")  # a tensor trains in an epoch when its gradient SNR is at least this
+
+
+@dataclass
 class PartialConfig(ScheduleConfig):
     freeze_first: int = num(1, "[0, inf)")  # the first k block groups stay frozen
 
@@ -555,7 +567,7 @@ SCHEMAS = {  # group -> option schema; each option names its schema first in its
     "logger": {"logger": LoggerConfig},
     "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
                  "surgical": SurgicalConfig, "partial": PartialConfig, "fine_tune": FineTuneConfig,
-                 "lora": LoRAConfig, "reft": ReFTConfig},
+                 "lora": LoRAConfig, "reft": ReFTConfig, "auto_rgn": AutoRGNConfig, "auto_snr": AutoSNRConfig},
 }
 
 

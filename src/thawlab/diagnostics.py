@@ -245,16 +245,17 @@ class DriftMonitor(L.Callback):
                               key=lambda h: h["epoch"])
 
 
-def distortion(change: dict[str, dict]) -> dict[str, float]:
+def distortion(change: dict[str, dict]) -> dict[str, float | None]:
     """LP-FT's feature distortion: OOD over ID relative feature change at the pooled output, per OOD set and for
-    the OOD mean (the mean change over the OOD sets, over the ID change)."""
+    the OOD mean (the mean change over the OOD sets, over the ID change). None where the ID features did not move
+    at all (a linear probe's body): the ratio is undefined there."""
     if "id" not in change:
         return {}
     base = change["id"][POOLED]
     ood = {name: c[POOLED] for name, c in change.items() if name.startswith("ood/")}
-    out = {name: (v / base if base else math.nan) for name, v in ood.items()}
+    out = {name: (v / base if base else None) for name, v in ood.items()}
     if ood:
-        out["ood/mean"] = (sum(ood.values()) / len(ood)) / base if base else math.nan
+        out["ood/mean"] = (sum(ood.values()) / len(ood)) / base if base else None
     return out
 
 

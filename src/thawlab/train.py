@@ -123,7 +123,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
     import lightning as L
 
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, console
-    from thawlab.build import build_monitor, prepare_for_device, print_metrics, print_partition, print_wise
+    from thawlab.build import build_monitor, prepare_for_device, print_auto_lr, print_metrics, print_partition
+    from thawlab.build import print_wise
     from thawlab.pretrain import source_weights
     from thawlab.resume import identity, signals_deferred
 
@@ -168,6 +169,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
         io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
+        if rank == 0:
+            print_auto_lr(trace)
         stopping = early_stopping_report(cfg, module)
         if trainer.world_size > 1:
             say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
