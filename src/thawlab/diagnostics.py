@@ -35,17 +35,28 @@ from torch import nn
 
 from thawlab.errors import ThawlabError, did_you_mean
 
+REFERENCE_CACHE_BYTES = 256 * 2**20  # theta_0's features kept between measurements up to this size
 POOLED = "pooled"  # the backbone's pooled output (the head's input), measured beside the block groups
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two representations of the same n samples (n x p and n x q), in float64, through the n x n
-    Gram matrices of the column-centred features (cheap when features outnumber samples, as in conv maps)."""
-    x, y = x.reshape(len(x), -1).double(), y.reshape(len(y), -1).double()
+    """Linear CKA of two representations of the same n samples (n x p and n x q): ||Y_c^T X_c||_F^2 /
+    (||X_c^T X_c||_F ||Y_c^T Y_c||_F), computed through whichever is smaller, the n x n Gram matrices
+    (<K, L>_F / (||K||_F ||L||_F), K = X_c X_c^T: conv maps, features outnumbering samples) or the feature-space
+    cross-covariances. The products run in the features' precision (float32 from a network: a diagnostic, and
+    the measurement's main cost after the forward passes), the sums in float64."""
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    if x.dtype != y.dtype:
+        x, y = x.double(), y.double()
     x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
-    k, l_ = x @ x.T, y @ y.T
-    denom = torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l_)
-    return float((k * l_).sum() / denom) if denom > 0 else math.nan
+    if len(x) <= max(x.shape[1], y.shape[1]):
+        k, l_ = x @ x.T, y @ y.T
+        num = (k.double() * l_.double()).sum()
+        denom = torch.linalg.matrix_norm(k.double()) * torch.linalg.matrix_norm(l_.double())
+    else:
+        num = (y.T @ x).double().pow(2).sum()
+        denom = torch.linalg.matrix_norm((x.T @ x).double()) * torch.linalg.matrix_norm((y.T @ y).double())
+    return float(num / denom) if denom > 0 else math.nan
 
 
 def relative_change(f: torch.Tensor, f0: torch.Tensor) -> float:
@@ -101,7 +112,7 @@ def _first_tensor(out):
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _features(backbone_owner, modules: "OrderedDict[str, str]", loader, device, channels_last: bool
               ) -> dict[str, torch.Tensor]:
     """{group: (n, ...) outputs, POOLED: (n, d)} of a ThawNet's backbone over a loader, on `device`."""
@@ -181,6 +192,8 @@ class DriftMonitor(L.Callback):
         self.subsets = {name: (ds, sample_indices(len(ds), samples, seed, name)) for name, ds in sets.items()}
         self.history: list[dict] = []
         self._measured_epoch: int | None = None
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._cached_bytes = 0
 
     # ---- what is measured --------------------------------------------------------------------------------
     def _loader(self, name: str, rank: int, world: int):
@@ -199,18 +212,29 @@ class DriftMonitor(L.Callback):
         try:
             for name in self.subsets:
                 now = _features(net, self.modules, self._loader(name, rank, world), device, self.channels_last)
-                before = _features(self.reference, self.modules, self._loader(name, rank, world), device,
-                                   self.channels_last)
+                before = self._reference_features(name, rank, world, device)
                 cka[name], change[name] = {}, {}
                 for g in now:
                     f, f0 = _gather(now[g], world), _gather(before[g], world)
                     cka[name][g], change[name][g] = linear_cka(f, f0), relative_change(f, f0)
-                del now, before
+                del now
         finally:
             net.train(was_training)
         return {"epoch": epoch, "cka": cka, "feature_change": change,
                 "weight_change": weight_change(net, self.reference, self.groups),
                 "distortion": distortion(change)}
+
+    def _reference_features(self, name: str, rank: int, world: int, device) -> dict[str, torch.Tensor]:
+        """theta_0's features on a set: they never change, so they are kept after the first measurement when
+        the sample's features are small (REFERENCE_CACHE_BYTES over all sets), computed afresh otherwise."""
+        key = (name, rank, world, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        out = _features(self.reference, self.modules, self._loader(name, rank, world), device, self.channels_last)
+        size = sum(t.numel() * t.element_size() for t in out.values())
+        if self._cached_bytes + size <= REFERENCE_CACHE_BYTES:
+            self._cache[key], self._cached_bytes = out, self._cached_bytes + size
+        return out
 
     def settings(self) -> dict:
         return {"every": self.every, "samples": {n: len(idx) for n, (_, idx) in self.subsets.items()},
