@@ -94,6 +94,11 @@ def test_group_outputs_are_the_stage_outputs():
     # timm's matcher puts the last block and the final norm in one group (`top`): its output is the norm's
     assert dict(mods) == {"stem": "backbone.norm_pre", "blocks.0": "backbone.blocks.0",
                           "blocks.1": "backbone.blocks.1", "top": "backbone.norm"}, mods
+    # PoolFormer (no matcher: a group per top-level module): timm calls its `head` module's children one by one,
+    # never `head` itself, so the group's output is the last of them that runs
+    pool = _net("poolformer_s12")
+    assert dg.output_modules(pool)["top"] == "backbone.head"
+    assert dg.output_modules(pool, torch.randn(1, 3, 32, 32))["top"] == "backbone.head.fc"
 
 
 def test_monitor_measures_known_drift():

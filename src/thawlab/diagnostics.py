@@ -81,8 +81,35 @@ def weight_change(net: nn.Module, reference: nn.Module, groups: dict[str, list[s
     return out
 
 
-def output_modules(net) -> "OrderedDict[str, str]":
-    """Block group -> the name of the module whose output is the group's output (see the module docstring)."""
+def output_modules(net, x: torch.Tensor | None = None) -> "OrderedDict[str, str]":
+    """Block group -> the name of the module whose output is the group's output (see the module docstring).
+    With an input batch x, a module that the backbone's forward never calls (PoolFormer's `head`, whose
+    children timm calls one by one) gives way to the last-called module of the group inside it."""
+    out = _outermost(net)
+    if x is None:
+        return out
+    groups_of = {name: set(groups) for name, _, groups in net._module_groups if name.startswith("backbone.")}
+    entries = list(groups_of)
+    named = dict(net.named_modules())
+    calls: list[str] = []
+    handles = [named[n].register_forward_hook(lambda *_a, n=n: calls.append(n)) for n in entries]
+    try:
+        with torch.inference_mode():
+            net.backbone(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for g, name in out.items():
+        if name not in calls:
+            inside = [c for c in calls if c.startswith(name + ".") and groups_of[c] == {g}]
+            if not inside:
+                raise ThawlabError(f"diagnostics: no module of block group {g} runs in the backbone's forward "
+                                   f"(use diagnostics=none)")
+            out[g] = inside[-1]
+    return out
+
+
+def _outermost(net) -> "OrderedDict[str, str]":
     entries = [(name, groups) for name, _, groups in net._module_groups if name.startswith("backbone.")]
     params = {n for n, _ in net.named_parameters()}
     owns = [any(p.startswith(name + ".") for p in params) for name, _ in entries]
@@ -186,10 +213,11 @@ class DriftMonitor(L.Callback):
         super().__init__()
         # theta_0: taken before training (and before trainer.compile, so the copy runs eagerly on its own weights)
         self.reference = copy.deepcopy(net).eval().requires_grad_(False)
-        self.modules = output_modules(net)
         self.groups = {g: list(names) for g, names in net.groups.items()}
         self.samples, self.every, self.batch_size, self.channels_last = samples, every, batch_size, channels_last
         self.subsets = {name: (ds, sample_indices(len(ds), samples, seed, name)) for name, ds in sets.items()}
+        ds, idx = next(iter(self.subsets.values()))  # one image: which modules the forward really calls
+        self.modules = output_modules(self.reference, ds[int(idx[0])][0].unsqueeze(0))
         self.history: list[dict] = []
         self._measured_epoch: int | None = None
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
