@@ -392,8 +392,8 @@ def print_drift(entry: dict) -> None:
     table = Table(title=f"Drift from the pretrained network (epoch {entry['epoch']}): linear CKA and relative "
                         f"feature change ||f - f0|| / ||f0|| per block group output", title_justify="left")
     cols = [s for s in sets if not s.startswith("ood/")] + (["ood mean"] if ood else [])
-    for col in ("group", *[f"CKA {c}" for c in cols], *[f"change {c}" for c in cols], "weight change"):
-        table.add_column(col, justify="left" if col == "group" else "right")
+    for col in ("output of", *[f"CKA {c}" for c in cols], *[f"change {c}" for c in cols], "weight change"):
+        table.add_column(col, justify="left" if col == "output of" else "right")
 
     def cell(kind, col, g):
         names = ood if col == "ood mean" else [col]
@@ -405,9 +405,9 @@ def print_drift(entry: dict) -> None:
         w = entry["weight_change"].get(g)
         table.add_row(g, *[cell("cka", c, g) for c in cols], *[cell("feature_change", c, g) for c in cols],
                       "-" if w is None else f"{w:.3f}")
-    out.print(table)
+    console.print(table)  # stderr, beside the partition table: what happened to the groups
     if entry["distortion"]:
-        out.print("feature distortion (LP-FT), OOD / ID feature change at the pooled output: "
+        console.print("feature distortion (LP-FT), OOD / ID feature change at the pooled output: "
                   + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in entry["distortion"].items()))
 
 
