@@ -99,22 +99,33 @@ def test_ddp_gradual_keeps_ranks_identical_and_counts_every_sample_once(tmp_path
     assert res["counts"]["test/id"] == 360 and res["counts"]["val/id"] == 180  # 36 and 18 per class
     assert res["counts"]["test/ood/printed"] == 360 and res["counts"]["test/ood/corrupt_s5"] == 360
 
-    one = _evaluate_in_one_process(OmegaConf.create(res["config"]), run_dir / res["selection"]["checkpoint"])
+    one, drift = _evaluate_in_one_process(OmegaConf.create(res["config"]), run_dir / res["selection"]["checkpoint"])
     for key, value in one.items():
         assert res["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    # the drift diagnostics gather both ranks' shares of the sample: those of one process on the whole sample
+    final = res["diagnostics"]["final"]
+    for kind in ("cka", "feature_change"):
+        for name, per_group in drift[kind].items():
+            assert final[kind][name] == pytest.approx(per_group, abs=1e-6), (kind, name)
+    assert final["weight_change"] == pytest.approx(drift["weight_change"], abs=1e-9)
 
 
-def _evaluate_in_one_process(cfg, checkpoint: Path) -> dict[str, float]:
-    from thawlab.build import build_datamodule, build_module, build_net, build_trainer
+def _evaluate_in_one_process(cfg, checkpoint: Path) -> tuple[dict[str, float], dict]:
+    """(test metrics, drift diagnostics) of a checkpoint in one process."""
+    import lightning as L
+
+    from thawlab.build import build_datamodule, build_module, build_monitor, build_net, build_trainer
     from thawlab.pretrain import source_weights
 
+    L.seed_everything(cfg.seed, verbose=False)  # the run's initial head, theta_0's head
     dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
     net, dm.preprocess = build_net(cfg, dm.num_classes, str(source_weights(cfg)))
     module = build_module(cfg, net, dm)
+    monitor = build_monitor(cfg, net, dm)
     trainer = build_trainer(cfg.trainer, None, False, devices=1, num_nodes=1, strategy="auto",
                             enable_progress_bar=False)
     trainer.test(module, datamodule=dm, ckpt_path=str(checkpoint), verbose=False)
-    return module.computed["test"]
+    return module.computed["test"], monitor.measure(module.net)
 
 
 def test_submitit_local_runs_each_task_as_a_rank(tmp_path, cache_dir):

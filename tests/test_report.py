@@ -124,7 +124,7 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
     assert list(rows) == ROWS  # the sweep's order; labelled by the only varying override
     head = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| ")).strip("|").split("|")]
     assert head == ["row", "ID", "OOD printed", *[f"OOD corrupt_s{k}" for k in range(1, 6)], "OOD mean", "ECE ID",
-                    "source task", "eff. robustness", "n"]
+                    "source task", "distortion OOD/ID", "eff. robustness", "n"]
     for s in SCHEDULES:
         cells = dict(zip(head[1:], rows[f"schedule={s}"]))
         assert cells["n"] == "3"
@@ -132,6 +132,11 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
                          ("OOD mean", "test/ood/mean/acc"), ("ECE ID", "test/id/ece")):
             vals = [100 * res[(s, k)]["metrics"][key] for k in SEEDS]
             assert cells[col] == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}", (s, col)
+        # LP-FT's feature distortion of the selected checkpoint (results.json diagnostics), unmarked
+        # (a linear probe's body does not move: no ratio)
+        vals = [res[(s, k)]["diagnostics"]["final"]["distortion"]["ood/mean"] for k in SEEDS]
+        assert cells["distortion OOD/ID"] == ("–" if s == "frozen" else
+                                              f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"), s
     # the caption: spread, selection rule, ER formula and baselines, common overrides
     assert "mean ± std (sample std, n−1)" in text and "max val/id/acc" in text
     assert "σ(a · logit(ID acc) + b)" in text and "baseline rows schedule=frozen" in text
@@ -146,7 +151,9 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
     body = tex[tex.index(r"\begin{tabular}"):tex.index(r"\end{tabular}")]
     lines = [ln for ln in body.splitlines() if ln.endswith(r"\\")]
     assert lines[0].count("&") == len(head) - 1 and lines[0].count(r"\multicolumn{2}{c}") == len(head) - 2
-    assert all(ln.count("&") == len(head) - 1 + len(head) - 2 for ln in lines[1:])
+    # (an empty cell, `--` across both halves: the linear probe's undefined distortion ratio)
+    assert all(ln.count("&") + ln.count(r"\multicolumn{2}{c}{--}") == len(head) - 1 + len(head) - 2
+               for ln in lines[1:])
     # CSV: unrounded means and stds
     with open(out / "table.csv") as f:
         table = list(csv.DictReader(f))
@@ -157,7 +164,7 @@ def test_table_figures_and_paired_file_from_the_cli(sweep, copy, tmp_path):
         assert float(r["OOD mean (acc %) std"]) == pytest.approx(statistics.stdev(vals), abs=1e-9)
         assert (r["n_finished"], r["n_expected"]) == ("3", "3")
     # figures: non-empty PNG and PDF each
-    for name in ("id_vs_ood", "wise", "severity"):
+    for name in ("id_vs_ood", "wise", "severity", "drift"):
         png, pdf = (out / f"{name}.png").read_bytes(), (out / f"{name}.pdf").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
         assert pdf.startswith(b"%PDF") and len(pdf) > 5_000, name

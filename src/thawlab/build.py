@@ -19,7 +19,7 @@ from rich.table import Table
 
 from thawlab import backbone as bb
 from thawlab import clip as openclip
-from thawlab import reft, schedules, stopping
+from thawlab import diagnostics, reft, schedules, stopping
 from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
@@ -148,6 +148,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ThawlabError(f"trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r} is not one "
                            f"of norm, value")
     stopping.check(cfg.get("early_stopping"))
+    diagnostics.check(cfg.get("diagnostics"), cfg.trainer.max_epochs)
     o = cfg.optimizer
     if not 0 < o.cut_frac < 1 or o.ratio < 1:
         raise ThawlabError(f"optimizer.cut_frac={o.cut_frac} must be in (0, 1) and optimizer.ratio={o.ratio} >= 1")
@@ -358,6 +359,19 @@ def cache_options(cfg: DictConfig, deterministic: bool = True) -> dict:
     return options
 
 
+def build_monitor(cfg: DictConfig, net: ThawNet, dm) -> "diagnostics.DriftMonitor | None":
+    """The run's drift diagnostics from `diagnostics.*` (None with diagnostics=none); dm is set up. Built before
+    training: it keeps the network as it is now, theta_0."""
+    d = cfg.get("diagnostics")
+    if d is None or not d.enabled:
+        return None
+    diagnostics.check(d, cfg.trainer.max_epochs)
+    names = diagnostics.check_sets(OmegaConf.to_container(d.sets) if d.sets is not None else None,
+                                   dm.eval_sets("test"))
+    return diagnostics.DriftMonitor(net, {n: dm.sets["test"][n] for n in names}, d.samples, cfg.seed, d.every,
+                                    batch_size=cfg.data.eval_batch_size, channels_last=use_channels_last(cfg))
+
+
 def use_channels_last(cfg: DictConfig) -> bool:
     """trainer.channels_last=auto: on a GPU (convolutions in NHWC run on tensor cores), not on a CPU."""
     value = cfg.trainer.get("channels_last", False)
@@ -396,16 +410,18 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
-                  early_stopping: DictConfig | None = None, select: str = "best", **overrides) -> L.Trainer:
+                  early_stopping: DictConfig | None = None, select: str = "best", callbacks=(),
+                  **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
     counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks).
-    select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`)."""
+    select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`).
+    callbacks: more callbacks, run before the checkpoints (Lightning calls ModelCheckpoint last)."""
     from thawlab import ranks
 
     merged = OmegaConf.create({**OmegaConf.to_container(trainer_cfg, resolve=True), **overrides})
     kwargs = {k: v for k, v in OmegaConf.to_container(merged).items() if v is not None and k not in OWN_TRAINER_KEYS}
     kwargs["precision"] = resolve_precision(merged)
-    callbacks = []
+    callbacks = list(callbacks)
     if run_dir is not None:
         # the selected checkpoint first (trainer.checkpoint_callback; thawlab/selection.py), then last.ckpt,
         # written every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in
@@ -476,4 +492,46 @@ def print_wise(curve: list[dict]) -> None:
         m, a = point["metrics"], f"{point['alpha']:g}"
         table.add_row(a, f"{100 * m[f'test/wise/{a}/id/acc']:.1f}",
                       f"{100 * m.get(f'test/wise/{a}/ood/mean/acc', float('nan')):.1f}")
+    out.print(table)
+
+
+def print_drift(entry: dict) -> None:
+    """The drift of the selected checkpoint from the pretrained network (thawlab/diagnostics.py), per group."""
+    sets = list(entry["cka"])
+    ood = [s for s in sets if s.startswith("ood/")]
+    table = Table(title=f"Drift from the pretrained network (epoch {entry['epoch']}): linear CKA and relative "
+                        f"feature change ||f - f0|| / ||f0|| per block group output", title_justify="left")
+    cols = [s for s in sets if not s.startswith("ood/")] + (["ood mean"] if ood else [])
+    for col in ("output of", *[f"CKA {c}" for c in cols], *[f"change {c}" for c in cols], "weight change"):
+        table.add_column(col, justify="left" if col == "output of" else "right")
+
+    def cell(kind, col, g):
+        names = ood if col == "ood mean" else [col]
+        vals = [entry[kind][n].get(g) for n in names]
+        return "-" if any(v is None for v in vals) else f"{sum(vals) / len(vals):.3f}"
+
+    groups = list(entry["cka"][sets[0]]) if sets else []
+    for g in groups:
+        w = entry["weight_change"].get(g)
+        table.add_row(g, *[cell("cka", c, g) for c in cols], *[cell("feature_change", c, g) for c in cols],
+                      "-" if w is None else f"{w:.3f}")
+    console.print(table)  # stderr, beside the partition table: what happened to the groups
+    if entry["distortion"]:
+        console.print("feature distortion (LP-FT), OOD / ID feature change at the pooled output: "
+                  + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in entry["distortion"].items()))
+
+
+def print_auto_lr(trace: list[dict]) -> None:
+    """Auto-RGN / Auto-SNR: per epoch, each block group's mean lr multiplier (thawlab/auto_lr.py): which groups
+    the gradient statistics chose."""
+    rows = [t for t in trace if t.get("auto_lr")]
+    if not rows:
+        return
+    groups = list(rows[0]["auto_lr"])
+    table = Table(title="Automatic layer choice: mean lr multiplier of each group's tensors, per epoch",
+                  title_justify="left")
+    for col in ("epoch", *groups):
+        table.add_column(col, justify="right")
+    for t in rows:
+        table.add_row(str(t["epoch"]), *[f"{t['auto_lr'].get(g, 0.0):.3g}" for g in groups])
     out.print(table)

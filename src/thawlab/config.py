@@ -300,6 +300,18 @@ class SurgicalConfig(ScheduleConfig):
 
 
 @dataclass
+class AutoRGNConfig(ScheduleConfig):
+    batches: int = num(5, "[1, inf)")  # training batches the gradient statistics are averaged over, each epoch
+    # the new head at the full lr whatever its statistics (false, with head.pretrained=true: as the paper)
+    train_head: bool = True
+
+
+@dataclass
+class AutoSNRConfig(AutoRGNConfig):
+    threshold: float = num(0.95, "[0, inf)")  # a tensor trains in an epoch when its gradient SNR is at least this
+
+
+@dataclass
 class PartialConfig(ScheduleConfig):
     freeze_first: int = num(1, "[0, inf)")  # the first k block groups stay frozen
 
@@ -346,6 +358,18 @@ class RegularizationConfig:
     mixup: float = num(0.0, "[0, inf)", "0: off")
     cutmix: float = num(0.0, "[0, inf)", "0: off")
     mix_prob: float = num(1.0, "[0, 1]")  # probability that a training batch is mixed
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Drift from the pretrained network per block group (thawlab/diagnostics.py): linear CKA and relative
+    feature change on a fixed sample of each test set, relative weight change, LP-FT's feature distortion."""
+
+    enabled: bool = True  # diagnostics=none: off
+    # also every this many epochs during training (null: only the selected checkpoint, after training)
+    every: Optional[int] = num(None, "[1, inf)", "null: after training only")
+    samples: int = num(512, "[1, inf)")  # images per set (a set with fewer: all of it), drawn from the seed
+    sets: Optional[list[str]] = None  # test sets by name (id, ood/<name>); null: every test set
 
 
 @dataclass
@@ -575,6 +599,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     # the caches of frozen parts (CacheConfig); typed Any so that `cache_features=false` (a bool) still switches
     # them off, as before the block existed: build.cache_options reads both forms
     cache_features: Any = field(default_factory=CacheConfig)
@@ -594,7 +619,8 @@ SCHEMAS = {  # group -> option schema; each option names its schema first in its
     "logger": {"logger": LoggerConfig},
     "schedule": {"schedule": ScheduleConfig, "lp_ft": LPFTConfig, "wise_ft": WiseFTConfig, "gradual": GradualConfig,
                  "surgical": SurgicalConfig, "partial": PartialConfig, "fine_tune": FineTuneConfig,
-                 "lora": LoRAConfig, "reft": ReFTConfig, "flyp": FLYPConfig},
+                 "lora": LoRAConfig, "reft": ReFTConfig, "flyp": FLYPConfig, "auto_rgn": AutoRGNConfig,
+                 "auto_snr": AutoSNRConfig},
 }
 
 

@@ -29,6 +29,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from thawlab.auto_lr import AutoLR
 from thawlab.metrics import eval_metrics, ood_mean, restrict
 from thawlab.model import ThawNet
 from thawlab.prefix_cache import PrefixCache
@@ -174,6 +175,7 @@ class FineTuner(L.LightningModule):
         self.keep_probe_weights = keep_probe_weights
         self.theta0: dict[str, torch.Tensor] | None = None
         self._clip_loss = None  # FLYP's loss (open_clip.ClipLoss), made on first use
+        self.auto_lr = AutoLR()  # per-tensor lr multipliers of auto phases (Auto-RGN / Auto-SNR, thawlab/auto_lr.py)
         self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
         if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
             self.w0 = nn.Module()  # buffers by position (a buffer's name cannot hold dots)
@@ -196,6 +198,12 @@ class FineTuner(L.LightningModule):
         optimizer = self.optimizers().optimizer
         if self.current_epoch == start and phase.reset_optimizer:
             optimizer.state.clear()
+        auto = self.auto_lr.update(self, phase, self.current_epoch)
+        if auto is not None:
+            optimizer.state.clear()  # the reference builds a new Adam whenever it recomputes the multipliers
+            sched = self.lr_schedulers()  # this step's lrs with the new multipliers, not the last step's
+            for g, lam, base in zip(optimizer.param_groups, sched.lr_lambdas, sched.base_lrs):
+                g["lr"] = base * lam(sched.last_epoch)
         if self.cache is not None and not self.net.backbone_frozen:
             self.cache.clear()
         i, _, _ = phase_at(self.phases, self.current_epoch)
@@ -207,6 +215,9 @@ class FineTuner(L.LightningModule):
             lrs[g["name"]] = max(lrs.get(g["name"], 0.0), g["lr"])
         entry = {"epoch": self.current_epoch, "phase": phase.name, "trainable_groups": list(phase.trainable),
                  "trainable_params": self.net.trainable_parameter_count(), "lr": lrs}
+        if auto is not None:  # per block group, the mean lr multiplier of its tensors this epoch
+            entry["auto_lr"] = auto
+            self.log_dict({f"auto_lr/{g}": m for g, m in auto.items()}, on_epoch=True, on_step=False)
         self.trace = [t for t in self.trace if t["epoch"] < self.current_epoch] + [entry]
         self.log("trace/trainable_params", float(entry["trainable_params"]), on_epoch=True, on_step=False)
         self.log_dict({f"lr/{g}": lr for g, lr in lrs.items()}, on_epoch=True, on_step=False)
@@ -363,21 +374,25 @@ class FineTuner(L.LightningModule):
         scales = self.net.layer_decay_scales(c.get("layer_decay", 1.0))
         names = {id(p): n for n, p in self.net.named_parameters()}
         groups = []
+        per_tensor = any(p.auto for p in self.phases)  # auto phases scale each tensor's lr by its own multiplier
         for g, ps in self.net.named_group_parameters().items():
             # one optimizer group per (block group, weight decay or not, layer-decay scale), all named after the
             # block group: the phase's lr multiplier applies to all of them; weight decay and timm's per-parameter
             # layer-decay scale differ. Forward order within a name: the last is the group's top layer.
-            parts: dict[tuple[bool, float], list] = {}
+            parts: dict[tuple, list] = {}
             for p in ps:
-                parts.setdefault((names[id(p)] in exempt, scales[names[id(p)]]), []).append(p)
-            for (no_decay, scale), params in sorted(parts.items()):
+                n = names[id(p)]
+                parts.setdefault((n in exempt, scales[n], n if per_tensor else ""), []).append(p)
+            for (no_decay, scale, tensor), params in sorted(parts.items()):
                 groups.append({"params": params, "name": g, "layer_decay_scale": scale,
+                               **({"tensor": tensor} if tensor else {}),
                                **({"weight_decay": 0.0} if no_decay else {})})
         opt = OPTIMIZERS[c["name"]](groups, c)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         shape = {"name": c["schedule"], **{k: c.get(k) for k in SHAPE_KEYS}}
         lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape,
                                      scale=g["layer_decay_scale"]) for g in groups]
+        lambdas = [self.auto_lr.wrap(f, g["tensor"]) if "tensor" in g else f for f, g in zip(lambdas, groups)]
         momentum = functools.partial(momentum_at, self.phases, steps_per_epoch=steps_per_epoch, shape=shape)
         sched = PhaseScheduler(opt, lambdas, momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -38,6 +38,9 @@ class Phase:
     shape: dict = field(default_factory=dict)  # overrides of optimizer.schedule and its arguments
     reset_optimizer: bool = False  # clear the optimizer state when the phase starts (fastai's unfreeze)
     select: bool = True  # model selection considers this phase's epochs (schedule.select_phases; selection.py)
+    # per-tensor lr multipliers from gradient statistics, recomputed each epoch (thawlab/auto_lr.py): {} off, or
+    # {"stat": "rgn" | "snr", "batches": k, "threshold": t (snr)}
+    auto: dict = field(default_factory=dict)
     # the training loss: ce (cross-entropy of the head's logits) | contrastive (CLIP's loss between each image
     # and a prompt of its class, over the batch: FLYP; needs a CLIP text tower and head=zeroshot)
     loss: str = "ce"
@@ -155,6 +158,24 @@ def reft(groups, epochs, s):
     return [Phase("reft", epochs, tuple(g for g in groups if g in chosen or g == "head"), params=INTERVENTIONS)]
 
 
+def auto_rgn(groups, epochs, s):
+    """Auto-RGN (Lee et al., ICLR 2023): every group trains, each tensor at the lr scaled by its relative gradient
+    norm ||g|| / ||w|| over the largest one, recomputed at each epoch's start on `batches` training batches."""
+    return [Phase("auto_rgn", epochs, tuple(groups), auto={"stat": "rgn", "batches": s.batches, "always": _head(s)})]
+
+
+def auto_snr(groups, epochs, s):
+    """Auto-SNR (Lee et al., ICLR 2023): every group may train; each epoch, a tensor trains (multiplier 1) when its
+    gradient's signal-to-noise ratio is at least `threshold`, else not (0), as the paper's code computes it."""
+    return [Phase("auto_snr", epochs, tuple(groups),
+                  auto={"stat": "snr", "batches": s.batches, "threshold": s.threshold, "always": _head(s)})]
+
+
+def _head(s) -> list[str]:
+    """Groups an auto phase trains at the full lr whatever their statistics: the new head (train_head=true)."""
+    return ["head"] if s.get("train_head", True) else []
+
+
 SPREADS = ("fastai", "blocks")
 
 
@@ -179,7 +200,7 @@ def fine_tune(groups, epochs, s):
 
 STRATEGIES = {"frozen": frozen, "gradual": gradual, "full": full, "lp_ft": lp_ft, "wise_ft": lp_ft,
               "surgical": surgical, "partial": partial, "bitfit": bitfit, "lora": lora, "reft": reft,
-              "fine_tune": fine_tune, "flyp": flyp}
+              "fine_tune": fine_tune, "flyp": flyp, "auto_rgn": auto_rgn, "auto_snr": auto_snr}
 
 
 def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:

@@ -138,8 +138,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
     import lightning as L
 
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, check_config, classnames_of
-    from thawlab.build import console
-    from thawlab.build import prepare_for_device, print_metrics, print_partition, print_wise
+    from thawlab.build import build_monitor, console, prepare_for_device, print_auto_lr, print_metrics
+    from thawlab.build import print_partition, print_wise
     from thawlab.pretrain import source_weights
     from thawlab.resume import identity, signals_deferred
 
@@ -167,9 +167,11 @@ def run(cfg: DictConfig, job: dict) -> dict:
         if pretrained == "source":
             pretrained = str(source_weights(cfg))
         net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained, classnames=classnames_of(cfg, dm))
+        module = build_module(cfg, net, dm)
+        # theta_0 of the drift diagnostics: copied before prepare_for_device compiles the network in place
+        monitor = build_monitor(cfg, net, dm)
         prepare_for_device(cfg, net)
         say(f"preprocessing (timm config of {cfg.backbone.name}): {dm.preprocess}")
-        module = build_module(cfg, net, dm)
         if ranks.world_size(cfg) > 1:  # now that the network is built alike on every rank: their own streams
             L.seed_everything(ranks.rank_seed(cfg.seed, rank), workers=True, verbose=False)
         module.identity = identity(record.payload["config"], job)  # checkpoints carry it (thawlab.resume)
@@ -180,22 +182,24 @@ def run(cfg: DictConfig, job: dict) -> dict:
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
         trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping,
-                                select=cfg.schedule.get("select", "best"))
+                                select=cfg.schedule.get("select", "best"), callbacks=[monitor] if monitor else [])
         io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
         io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         trace = module.trace  # before test: loading the selected checkpoint restores its (shorter) trace
+        if rank == 0:
+            print_auto_lr(trace)
         stopping = early_stopping_report(cfg, module)
         if trainer.world_size > 1:
             say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
                 f"across ranks at the end of fit: {module.ranks_in_sync}")
-        metrics, selection, wise = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
+        metrics, selection, wise, drift = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
         metrics.update(zeroshot)
         if rank != 0:
             failed = False
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
-                      distributed=module.rank_report, **stopping)
+                      distributed=module.rank_report, **stopping, **drift)
         log_final_metrics(logger, metrics)
         print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
                                         f"{selection['epoch']} ({selection['phase']})")
@@ -249,10 +253,10 @@ def early_stopping_report(cfg: DictConfig, module) -> dict:
 
 
 def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
-                      ) -> tuple[dict, dict, list | None]:
+                      ) -> tuple[dict, dict, list | None, dict]:
     """The selected checkpoint (thawlab/selection.py: schedule.select over schedule.select_phases) on every test
-    set; then what the run asks for on top: forgetting on the source task, the exported model, the WiSE-FT
-    curve. (metrics, selection, wise curve)"""
+    set; then what the run asks for on top: its drift from the pretrained network, forgetting on the source task,
+    the exported model, the WiSE-FT curve. (metrics, selection, wise curve, {"diagnostics": ...} or {})"""
     import torch
 
     from thawlab.build import console, export_model
@@ -271,8 +275,9 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     chosen = dict(selector.selected or {})
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
+    drift = drift_report(trainer, module, chosen)  # every rank takes part (gathered samples)
     if trainer.global_rank != 0:  # what follows runs in one process: evaluations on top, files
-        return metrics, {}, None
+        return metrics, {}, None, {}
     net = module.net
     if cfg.backbone.pretrained == "source":
         extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
@@ -296,7 +301,28 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     selection = {"rule": RULES[selector.rule], "phases": [p.name for p in module.phases if p.select],
                  "phase": chosen["phase"], "checkpoint": os.path.relpath(best, run_dir), "value": chosen["value"],
                  "epoch": epoch}
-    return {**metrics, **extra}, selection, wise
+    return {**metrics, **extra}, selection, wise, drift
+
+
+def drift_report(trainer, module, chosen: dict) -> dict:
+    """results.json `diagnostics` (thawlab/diagnostics.py): settings, the drift of the selected checkpoint
+    (`final`, also logged to W&B as diag/final/...) and of the epochs measured during fit (`history`); {} when
+    diagnostics=none."""
+    from thawlab.build import console
+    from thawlab.diagnostics import DriftMonitor, flatten
+
+    monitor = next((c for c in trainer.callbacks if isinstance(c, DriftMonitor)), None)
+    if monitor is None:
+        return {}
+    final = monitor.measure(module.net, trainer.global_rank, trainer.world_size, epoch=chosen.get("epoch"))
+    if trainer.global_rank != 0:
+        return {}
+    if trainer.logger:
+        trainer.logger.log_metrics(flatten(final, "diag/final"), step=trainer.global_step)
+    from thawlab.build import print_drift
+
+    print_drift(final)
+    return {"diagnostics": {**monitor.settings(), "final": final, "history": list(monitor.history)}}
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) -> str | None:

@@ -1,4 +1,5 @@
-"""Figures: ID vs OOD on logit axes, WiSE-FT curves, accuracy against corruption severity."""
+"""Figures: ID vs OOD on logit axes, WiSE-FT curves, accuracy against corruption severity, drift per block
+group."""
 from __future__ import annotations
 
 import math
@@ -338,9 +339,68 @@ def _severity(runs: Runs, labels: list[str], colors: dict, metric: str = "acc", 
     return fig, None
 
 
+def _drift_values(run: Run, kind: str, where: str, groups: list[str]) -> list[float | None]:
+    """Per group, the selected checkpoint's CKA or feature change on the ID set (where="id") or averaged over
+    the OOD sets (where="ood")."""
+    final = ((run.diagnostics or {}).get("final") or {}).get(kind) or {}
+    names = ["id"] if where == "id" else [s for s in final if s.startswith("ood/")]
+    out = []
+    for g in groups:
+        vals = [final[n].get(g) for n in names if n in final]
+        out.append(statistics.fmean(vals) if vals and None not in vals else None)
+    return out
+
+
+def _drift(runs: Runs, labels: list[str], colors: dict, se: bool = False):
+    """Drift from the pretrained network per block group (thawlab/diagnostics.py): linear CKA (top) and relative
+    feature change (bottom), ID (left) and OOD mean (right), one line per row, mean ± spread over seeds."""
+    with_drift = [r for lab in labels for r in runs.row(lab) if r.done and (r.diagnostics or {}).get("final")]
+    if not with_drift:
+        return None, "no run has drift diagnostics (results.json `diagnostics`; diagnostics=none turns them off)"
+    groups = list(with_drift[0].diagnostics.get("groups") or [])
+    fig = _new_figure(11.5, 7.6)
+    axes = fig.subplots(2, 2, sharex=True)
+    kinds = (("cka", "linear CKA with θ₀"), ("feature_change", "‖f − f₀‖ / ‖f₀‖"))
+    xs = list(range(len(groups)))
+    for lab in labels:
+        done = [r for r in runs.row(lab) if r.done and (r.diagnostics or {}).get("groups") == groups]
+        if not done:
+            continue
+        for i, (kind, _) in enumerate(kinds):
+            for j, where in enumerate(("id", "ood")):
+                per_run = [_drift_values(r, kind, where, groups) for r in done]
+                per_x = [[v[k] for v in per_run if v[k] is not None] for k in xs]
+                if not all(per_x):
+                    continue
+                means = [statistics.fmean(v) for v in per_x]
+                sds = [_sd(v, se) for v in per_x]
+                ax = axes[i][j]
+                ax.plot(xs, means, "-o", color=colors[lab], ms=4, lw=1.8,
+                        label=_wrap(f"{runs.name(lab)} ({_n(len(done), len(runs.row(lab)))})"))
+                ax.fill_between(xs, [m - d for m, d in zip(means, sds)], [m + d for m, d in zip(means, sds)],
+                                color=colors[lab], alpha=0.18, lw=0)
+    for i, (kind, what) in enumerate(kinds):
+        for j, where in enumerate(("ID test set", f"OOD test sets (mean of {len(runs.ood_sets())})")):
+            ax = axes[i][j]
+            ax.set_title(f"{what}: {where}", fontsize=11)
+            ax.set_xticks(xs, groups, rotation=30, ha="right", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=9.5)
+        axes[i][0].set_ylabel(what, fontsize=10.5)
+    for ax in axes[1]:
+        ax.set_xlabel("block group output (pooled: the head's input)", fontsize=10.5)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        return None, "no row has drift diagnostics for every group"
+    _legend_that_fits(fig, handles, names, fontsize=9, frameon=False,
+                      title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
+    fig.suptitle("Drift from the pretrained network per block group (the selected checkpoint)", fontsize=12)
+    return fig, None
+
+
 def figures(runs: Runs, out=None, baselines=None, rows=None, fit: ERFit | None = None,
             formats=FORMATS, se: bool = False) -> FigureSet:
-    """The three figures (matplotlib Figures, drawn with Agg; pyplot's state is not touched); saved to
+    """The figures (matplotlib Figures, drawn with Agg; pyplot's state is not touched); saved to
     out/<name>.png and .pdf when `out` is given. A figure without data is skipped with a note."""
     labels = [runs.resolve(x, "--rows") for x in rows] if rows else runs.labels()
     fit = fit or effective_robustness(runs, baselines)
@@ -348,7 +408,8 @@ def figures(runs: Runs, out=None, baselines=None, rows=None, fit: ERFit | None =
     result = FigureSet()
     for name, make in (("id_vs_ood", lambda: _scatter(runs, labels, fit, colors, se)),
                        ("wise", lambda: _wise(runs, labels, colors, se)),
-                       ("severity", lambda: _severity(runs, labels, colors, se=se))):
+                       ("severity", lambda: _severity(runs, labels, colors, se=se)),
+                       ("drift", lambda: _drift(runs, labels, colors, se))):
         fig, why = make()
         if fig is None:
             result.notes.append(f"{name} figure skipped: {why}")

@@ -77,6 +77,7 @@ class Run:
     label: str = ""
     inert: tuple[str, ...] = ()  # overrides that do not change the experiment (INERT_KEYS): never in the key
     smoke: str | None = None  # why this is a smoke run (smoke_reason), None for a real one
+    diagnostics: dict | None = None  # results.json `diagnostics` (drift from the pretrained network), if any
 
     @property
     def done(self) -> bool:
@@ -97,8 +98,19 @@ class Run:
 
     def value(self, key: str) -> float | None:
         """A metric, None when absent or not finite."""
-        v = self.metrics.get(key)
+        v = self.drift(key) if key.startswith("diag/") else self.metrics.get(key)
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def drift(self, key: str):
+        """diag/<kind>/<set or group>[/<group>] of the selected checkpoint's drift (results.json
+        diagnostics.final): diag/distortion/ood/mean, diag/cka/id/pooled, diag/weight_change/head."""
+        node = (self.diagnostics or {}).get("final") or {}
+        kind, _, rest = key.removeprefix("diag/").partition("/")
+        node = node.get(kind) or {}
+        if rest in node or kind in ("distortion", "weight_change"):
+            return node.get(rest)
+        name, _, group = rest.rpartition("/")
+        return (node.get(name) or {}).get(group)
 
     def where(self) -> str:
         return str(self.path) if self.path else "no run directory"
@@ -267,7 +279,8 @@ def _parse(path: Path) -> Run:
     return Run(path=path, status=status, seed=seed, overrides=factors, inert=inert_, config=data["config"],
                metrics=data["metrics"], counts=data.get("counts") or {}, selection=data.get("selection"),
                wise=data.get("wise") or None, error=data.get("error") if status == "failed" else None,
-               finished=str(data.get("finished") or ""), smoke=smoke_reason(data["config"], overrides))
+               finished=str(data.get("finished") or ""), smoke=smoke_reason(data["config"], overrides),
+               diagnostics=data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else None)
 
 
 def _hydra_overrides(run_dir: Path) -> list[str] | None:

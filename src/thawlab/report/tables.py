@@ -21,6 +21,7 @@ class Column:
     decimals: int
     higher_is_better: bool
     signed: bool = False
+    marked: bool = True  # best cells marked (not for a diagnostic with no better direction)
 
 
 @dataclass
@@ -67,9 +68,16 @@ def columns(runs: Runs, metric: str = "acc", er_sets=()) -> list[Column]:
         cols.append(Column("ECE ID", "test/id/ece", 100.0, 1, False))
     if any(f"test/source/{metric}" in r.metrics for r in runs.done):
         cols.append(Column("source task", f"test/source/{metric}", **kw))
+    if any(r.value(DISTORTION) is not None for r in runs.done):
+        # LP-FT's feature distortion of the selected checkpoint: OOD / ID relative feature change at the pooled
+        # output (thawlab/diagnostics.py); a diagnostic, so no cell is marked best
+        cols.append(Column("distortion OOD/ID", DISTORTION, 1.0, 2, False, marked=False))
     cols += [Column(f"ER {s}", f"er/{s}", 100.0, 1, True, signed=True) for s in er_sets]
     cols.append(Column("eff. robustness", "er", 100.0, 1, True, signed=True))
     return cols
+
+
+DISTORTION = "diag/distortion/ood/mean"
 
 
 def _stats(values: list[float], se: bool) -> Cell:
@@ -126,7 +134,7 @@ class Table:
         out = set()
         for c in self.columns:
             cells = [(r.label, r.cells[c.name]) for r in self.rows if r.cells[c.name].mean is not None]
-            if len(cells) < 2:
+            if len(cells) < 2 or not c.marked:
                 continue
             sign = 1 if c.higher_is_better else -1
             top = max((cell for _, cell in cells), key=lambda cell: sign * cell.mean)
