@@ -70,7 +70,7 @@ def cache_dir(cfg: DictConfig) -> Path:
 def check(cfg: DictConfig) -> None:
     """What must hold before anything slow starts: a source task, a recipe, a known model, captions."""
     from thawlab.errors import ThawlabError
-    from thawlab.pretrain import check_source
+    from thawlab.source_cache import check_source
 
     check_source(cfg)
     name = model_name(cfg)
@@ -93,7 +93,7 @@ def check(cfg: DictConfig) -> None:
 
 def source_weights(cfg: DictConfig, force: bool = False) -> Path:
     """Path of the cached contrastively pretrained CLIP for this config, pretraining first if needed."""
-    from thawlab.pretrain import run_cached
+    from thawlab.source_cache import run_cached
 
     check(cfg)
     return run_cached(cache_dir(cfg), force, lambda out: _pretrain(cfg, out))
@@ -209,7 +209,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> None:
     from safetensors.torch import save_file
 
     from thawlab.build import build_datamodule, build_trainer, console
-    from thawlab.pretrain import META, WEIGHTS
+    from thawlab.source_cache import META, WEIGHTS
     from thawlab.results import atomic_write_json
 
     r = OmegaConf.to_container(cfg.data.clip_pretrain, resolve=True)
@@ -272,7 +272,7 @@ def source_retention(cfg: DictConfig, net, preprocess, weights: Path) -> dict[st
 
     from thawlab.build import build_datamodule
     from thawlab.metrics import evaluate
-    from thawlab.pretrain import META
+    from thawlab.source_cache import META
 
     meta = json.loads((Path(weights).parent / META).read_text())
     model, tokenizer = create(model_name(cfg), str(weights))

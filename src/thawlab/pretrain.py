@@ -8,12 +8,8 @@ dict, source classifier included, so it loads with `pretrained_cfg_overlay=dict(
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,9 +24,9 @@ from thawlab.build import build_datamodule, build_module, build_net, build_train
 from thawlab.metrics import evaluate
 from thawlab.results import atomic_write_json
 from thawlab.schedules import Phase
+from thawlab.source_cache import META, WEIGHTS, check_source, run_cached  # noqa: F401 (META, WEIGHTS: public here too)
 
 RECIPE_VERSION = 2  # bump when the pretraining code changes what it produces
-WEIGHTS, META = "weights.safetensors", "meta.json"
 
 
 def cache_key(cfg: DictConfig) -> str:
@@ -55,52 +51,6 @@ def source_weights(cfg: DictConfig, force: bool = False) -> Path:
         return clip_pretrain.source_weights(cfg, force)
     check_source(cfg)
     return run_cached(cache_dir(cfg), force, lambda out: _pretrain(cfg, out))
-
-
-def check_source(cfg: DictConfig) -> None:
-    if not (cfg.data.get("source") or {}).get("_target_"):
-        from thawlab.errors import ThawlabError
-
-        raise ThawlabError(f"backbone.pretrained=source: data {cfg.data._target_!r} has no source task; "
-                           f"use true (hub), false or a weights file")
-
-
-def run_cached(d: Path, force: bool, pretrain) -> Path:
-    """d/weights.safetensors, made by pretrain(d) unless a finished run left it there (its `done` marker),
-    under d's file lock so that concurrent sweep jobs pretrain once. d/meta.json must give source_test_acc."""
-    with _locked(d):
-        if (d / "done").exists() and not force:
-            meta = json.loads((d / META).read_text())
-            console.print(f"pretrained source weights: {d / WEIGHTS} (cached; source test acc "
-                          f"{100 * meta['source_test_acc']:.1f}%)")
-            return d / WEIGHTS
-        (d / "done").unlink(missing_ok=True)
-        try:
-            pretrain(d)
-        except BaseException:
-            # a failed pretraining leaves no directory behind (only a lock and half a result would be
-            # left for later runs to trip over); a job waiting on the lock notices and starts afresh
-            shutil.rmtree(d, ignore_errors=True)
-            raise
-        (d / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    return d / WEIGHTS
-
-
-@contextlib.contextmanager
-def _locked(d: Path):
-    """An exclusive lock on d/.lock, d created. A holder may remove d (a failed pretraining): whoever waited
-    on the old lock file then holds a lock on a deleted file, sees that and locks the new one."""
-    while True:
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                current = os.stat(d / ".lock").st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                yield
-                return
 
 
 def _pretrain(cfg: DictConfig, out: Path) -> None:
