@@ -129,3 +129,24 @@ def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | Non
     e = {**os.environ, "THAWLAB_CACHE": cache, "WANDB_SILENT": "true", **(env or {})}
     e = {k: v for k, v in e.items() if v is not None}
     return subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, cache_dir):
+    """The findings tests' runs: experiment(paper, *overrides) -> results.json of a real run with experiments/<paper>'s configs."""
+    root = tmp_path_factory.mktemp("findings")
+    counter = iter(range(10_000))
+
+    def _run(paper: str, *overrides: str) -> dict:
+        run_dir = root / f"{paper}-{next(counter)}"
+        cfg = compose_cfg([f"hydra.searchpath=[file://{EXPERIMENTS / paper}]", "logger=none",
+                           "trainer.enable_progress_bar=false", f"cache_dir={cache_dir}", *overrides], run_dir)
+        train(cfg)
+        r = read_results(run_dir)
+        assert r["status"] == "done", r.get("error")
+        return {**r, "run_dir": run_dir}
+
+    return _run
