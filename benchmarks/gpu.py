@@ -160,16 +160,13 @@ def _precision(cfg) -> str:
 
 def row_loop(row: dict, a) -> dict:
     """Images/s of thawlab's fit or of a plain loop, the data in device memory; the peak CUDA memory."""
-    import functools
-
     import lightning as L
     import torch
     import torch.nn.functional as F
 
     from thawlab.build import build_datamodule, build_module, build_net, build_trainer, prepare_for_device
     from thawlab.build import use_channels_last
-    from thawlab.module import OPTIMIZERS, SHAPE_KEYS
-    from thawlab.schedules import lr_factor
+    from common import plain_optimizer
 
     cfg = _cfg(row, a, ["data.ood=[]", "cache_features=false", "trainer.limit_val_batches=0",
                         f"trainer.limit_train_batches={a.warmup + a.steps}"])
@@ -195,12 +192,7 @@ def row_loop(row: dict, a) -> dict:
         prepare_for_device(cfg, net)
         net.apply_phase(phases[0])
         net.train()
-        groups = [{"params": ps, "name": g} for g, ps in net.named_group_parameters().items()]
-        c = dict(cfg.optimizer)
-        opt = OPTIMIZERS[c["name"]](groups, c)
-        shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [functools.partial(
-            lr_factor, phases, g["name"], steps_per_epoch=len(batches), shape=shape) for g in groups])
+        opt, sched = plain_optimizer(cfg, net, phases, len(batches))
         bf16 = precision.startswith("bf16")
         for x, y, _ in batches:
             timer.before()

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import statistics
 import time
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import compose_cfg
+from common import compose_cfg, plain_optimizer
 from thawlab.build import build_datamodule, build_module, build_net, build_trainer
-from thawlab.module import OPTIMIZERS, SHAPE_KEYS
-from thawlab.schedules import lr_factor
 
 
 def make_cfg(model: str, batch_size: int, epochs: int):
@@ -47,12 +44,7 @@ def plain_loop(cfg, net, dm, steps: int) -> float:
     phases = build_module(cfg, net, dm).phases  # the same single phase; building it is cheap
     net.apply_phase(phases[0])
     net.train()
-    groups = [{"params": ps, "name": g} for g, ps in net.named_group_parameters().items()]
-    c = dict(cfg.optimizer)
-    opt = OPTIMIZERS[c["name"]](groups, c)
-    shape = {"name": c["schedule"], **{k: c[k] for k in SHAPE_KEYS}}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [functools.partial(
-        lr_factor, phases, g["name"], steps_per_epoch=steps, shape=shape) for g in groups])
+    opt, sched = plain_optimizer(cfg, net, phases, steps)
     for _ in range(cfg.trainer.max_epochs):
         for i, (x, y, _) in enumerate(dm.train_dataloader()):
             if i == steps:
