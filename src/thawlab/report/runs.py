@@ -400,7 +400,7 @@ def _fmt_value(v) -> str:
     return "null" if v is None else str(v)
 
 
-def load(paths, group_by=None, include_smoke: bool = False, zeroshot: bool = True) -> Runs:
+def load(paths, group_by=None, include_smoke: bool = False) -> Runs:
     """The runs under `paths` (directories searched recursively, or results.json files), labelled by row.
 
     Unreadable files, runs on other data than the largest compatible group and second runs of the same
@@ -408,7 +408,7 @@ def load(paths, group_by=None, include_smoke: bool = False, zeroshot: bool = Tru
     debug=smoke, trainer limits) are left out and listed in `.smoke` unless include_smoke. Every seed seen in
     the runs is expected of every row: a row without it gets a "missing" run (a gap). Under group_by a row may
     hold several configurations; a seed is missing from it only when none of them has a run of that seed.
-    With zeroshot, runs that evaluated a zero-shot model (test/zeroshot/*) add its row (report/zeroshot.py)."""
+    thawlab.report.load (report/zeroshot.py) adds the zero-shot rows to this."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     group_by = tuple(group_by or ())
@@ -457,10 +457,6 @@ def load(paths, group_by=None, include_smoke: bool = False, zeroshot: bool = Tru
             if (label, s) not in have:
                 runs.append(Run(path=None, status="missing", seed=s, overrides=like.overrides, config=like.config,
                                 error="no run of this seed", label=label))
-    if zeroshot:
-        from thawlab.report import zeroshot as zs
-
-        zs.add(out)
     return out
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import statistics
 
+from thawlab.report import runs as _runs
 from thawlab.report.runs import Run, Runs
 
 PREFIX = "test/zeroshot/"
@@ -51,6 +52,13 @@ def identity(run: Run) -> dict:
     flat["templates"] = run.get("head.templates") or run.get("data.templates")
     flat.pop("data.templates", None)
     return flat
+
+
+def load(paths, group_by=None, include_smoke: bool = False, zeroshot: bool = True) -> Runs:
+    """thawlab.report.runs.load, and the zero-shot rows (`add`) unless zeroshot=False: what the CLI, the notebook
+    and thawlab.report.load use (thawlab-soup averages real runs only: it loads without them)."""
+    runs = _runs.load(paths, group_by=group_by, include_smoke=include_smoke)
+    return add(runs) if zeroshot else runs
 
 
 def _text(v) -> str:
