@@ -223,3 +223,22 @@ def test_cli_unknown_preset_is_one_line_before_pretraining(tmp_path):
             cache=str(cache), env=ENV, timeout=120)
     _one_line_error(r, "data.augment='foo' is not one of none, crop_flip, resized_crop, randaug, augmix")
     assert not (cache / "pretrain").exists(), "the error comes before the source pretraining"
+
+
+def test_clip_crop_is_the_training_transform_of_wise_ft_and_flyp():
+    """wise-ft's and FLYP's clip/clip.py `_transform(n_px, is_train=True)`, written out as there (neither repo is
+    installable): the same crops for the same torch seed, to the pixel."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    reference = T.Compose([T.RandomResizedCrop(64, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+    ours = aug.train_transform(Preprocess(img_size=64, mean=mean, std=std), "clip_crop")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = ours(img)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, reference(img), atol=0, rtol=0)
+    assert "Flip" not in repr(ours)

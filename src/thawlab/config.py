@@ -475,7 +475,7 @@ class Cifar10Config(DataConfig):
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
         "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"])
     severities: list[int] = num(spec="[1, 5]", factory=lambda: [1, 2, 3, 4, 5])
-    augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(1.0, "(0, 1]")  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     img_size: int = num(32, "[1, inf)")
 
@@ -521,7 +521,7 @@ class ImageNetConfig(DataConfig):
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
     ood: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"])
-    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
 
@@ -542,7 +542,7 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = num(0.1, "(0, 1)")  # without a val folder: this fraction of each class held out of train
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
-    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
 

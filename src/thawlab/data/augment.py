@@ -8,6 +8,9 @@ Presets, each on a PIL image, then to a tensor normalised with the model's mean 
 - randaug: the data set's base crop (`Recipe.base`), then timm's RandAugment `rand-m9-mstd0.5-inc1` (2 of 15
   operations drawn per image, each applied with probability 0.5, magnitude 9 ± 0.5 of 10) and timm's random
   erasing (probability 0.25, noise): the timm / DeiT recipe;
+- clip_crop: the training transform of OpenAI's CLIP code as wise-ft and FLYP vendor it (clip/clip.py
+  `_transform(n_px, is_train=True)` in mlfoundations/wise-ft and locuslab/FLYP): a random resized crop of 90-100%
+  of the area, bicubic, no flip, whatever the data set's recipe (the papers' CLIP ImageNet runs);
 - augmix: the base crop, then torchvision's AugMix (Hendrycks et al., ICLR 2020: 3 chains of 1-3 operations
   mixed with Dirichlet weights, then with the image) at the paper's settings: severity 3, width 3, and without
   the operations that overlap with the corruption benchmarks (contrast, colour, brightness, sharpness:
@@ -31,7 +34,8 @@ from typing import Callable
 from thawlab.data.preprocess import Preprocess
 from thawlab.errors import ThawlabError, did_you_mean
 
-PRESETS = ("none", "crop_flip", "resized_crop", "randaug", "augmix")
+PRESETS = ("none", "crop_flip", "resized_crop", "randaug", "augmix", "clip_crop")
+CLIP_CROP_SCALE = (0.9, 1.0)  # wise-ft / FLYP clip/clip.py: RandomResizedCrop(n_px, scale=(0.9, 1.0), BICUBIC)
 RANDAUG = "rand-m9-mstd0.5-inc1"  # timm's default RandAugment policy (DeiT, timm's ImageNet recipes)
 RE_PROB = 0.25  # random erasing probability (DeiT)
 MAGNITUDE_MAX = 9.99  # RandAugment's magnitude cap (timm: 10); see train_transform
@@ -113,6 +117,9 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
         return eval_transform(p, crop_pct)
     if kind in ("crop_flip", "resized_crop"):
         return T.Compose([*_crop(p, kind, recipe), *finish(p)])
+    if kind == "clip_crop":  # the reference's crop (ratio: torchvision's default 3/4..4/3, as there)
+        return T.Compose([T.RandomResizedCrop(p.img_size, scale=CLIP_CROP_SCALE,
+                                              interpolation=T.InterpolationMode.BICUBIC, antialias=True), *finish(p)])
     steps = [*_crop(p, recipe.base, recipe), ToMode(_mode(p))]  # the operations below need L or RGB
     bands = p.in_chans
     if kind == "randaug":

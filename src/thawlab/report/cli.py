@@ -7,7 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from thawlab.report.runs import ER_FITS, METRICS, PROG, ReportError, load, rename, tune
+from thawlab.report.runs import ER_FITS, METRICS, PROG, ReportError, rename, tune
+from thawlab.report.zeroshot import load
 from thawlab.report.stats import effective_robustness
 from thawlab.report.tables import _where, summarize
 from thawlab.report.compare import paired_markdown

@@ -78,6 +78,7 @@ class Run:
     inert: tuple[str, ...] = ()  # overrides that do not change the experiment (INERT_KEYS): never in the key
     smoke: str | None = None  # why this is a smoke run (smoke_reason), None for a real one
     diagnostics: dict | None = None  # results.json `diagnostics` (drift from the pretrained network), if any
+    zeroshot_of: list | None = None  # a zero-shot row's run (report/zeroshot.py): the runs whose figures it is
 
     @property
     def done(self) -> bool:
@@ -406,7 +407,8 @@ def load(paths, group_by=None, include_smoke: bool = False) -> Runs:
     configuration and seed are left out and listed in `.skipped` with the reason. Smoke runs (smoke_reason:
     debug=smoke, trainer limits) are left out and listed in `.smoke` unless include_smoke. Every seed seen in
     the runs is expected of every row: a row without it gets a "missing" run (a gap). Under group_by a row may
-    hold several configurations; a seed is missing from it only when none of them has a run of that seed."""
+    hold several configurations; a seed is missing from it only when none of them has a run of that seed.
+    thawlab.report.load (report/zeroshot.py) adds the zero-shot rows to this."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     group_by = tuple(group_by or ())
@@ -489,10 +491,12 @@ def tune(runs: Runs, key: str) -> Runs:
     prefix = f"{key}="
     parts = (lambda r: r.label.split(",")) if runs.group_by else (
         lambda r: [o for o in r.overrides if o not in runs.common])
-    base = {id(r): ",".join(o for o in parts(r) if not o.startswith(prefix)) or "all" for r in runs.runs}
-    keep, tuned = [], {}
+    keep = [r for r in runs.runs if r.zeroshot_of is not None]  # the zero-shot model has no hyperparameter
+    trained = [r for r in runs.runs if r.zeroshot_of is None]
+    base = {id(r): ",".join(o for o in parts(r) if not o.startswith(prefix)) or "all" for r in trained}
+    tuned = {}
     for row in dict.fromkeys(base.values()):
-        members = [r for r in runs.runs if base[id(r)] == row]
+        members = [r for r in trained if base[id(r)] == row]
         scores: dict[str, list[float]] = {}
         for r in members:
             value = (r.selection or {}).get("value")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from thawlab.results import RESULTS
 from thawlab.report.runs import METRICS, ReportError, Run, Runs, selection_words
 from thawlab.report.stats import ERFit, effective_robustness
+from thawlab.report import zeroshot as zs
 
 @dataclass
 class Column:
@@ -343,10 +344,13 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
               f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
               f"({', '.join(map(str, seeds))}: every seed seen in these runs)")
     caption = (f"Test {what} (ID, each OOD set and their mean; ECE on the ID test set in %) of "
-               f"{_rules(runs.runs)}, mean ± {spread} over seeds. "
+               f"{_rules([r for r in runs.runs if not zs.is_zeroshot(r)])}, mean ± {spread} over seeds. "
                f"{n_text}; a failed or missing run is a gap, never averaged away. Bold: per column the best mean "
                f"(lower NLL and ECE, higher accuracy and eff. robustness) and every mean within the best one's "
                f"{'s.e.' if se else 'std'} of it. {rows_text} {_er_caption(fit)}")
+    zs_caption, zs_notes = zs.describe(runs, labels)
+    if zs_caption:
+        caption += " " + zs_caption
     if runs.tuned:
         key = next(iter(runs.tuned.values()))[0]
         choices = "; ".join(f"{row}: {best} (" + ", ".join(f"{v}: {100 * m:.1f}" for v, m in means.items()) + ")"
@@ -358,4 +362,4 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
                     "(forgetting).")
     if runs.smoke_included:
         caption += f" Includes {len(runs.smoke_included)} smoke runs (not results)."
-    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels), dict(runs.names))
+    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels) + zs_notes, dict(runs.names))
