@@ -457,10 +457,24 @@ def user_error(e: BaseException) -> str | None:
         msg = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
         if "not in struct" in msg and key:  # e.g. backbone.kwargs, which holds no keys until given some
             msg += f" (to add a key: +{key}=...)"
+        elif key and (swept := _swept_group(key)):
+            # Hydra composes a multirun's config once with the group's default option, before the sweep picks
+            # each option: a key that only the swept options have is not there yet
+            msg += (f" (a sweep over {swept}: a key of those options alone cannot be set for the whole sweep; "
+                    f"run one sweep per option, e.g. {swept.split(',')[0]} {key}=...)")
         return f"{key}: {msg}" if key else msg
     if isinstance(e, (ConfigCompositionException, OverrideParseException)):
         return " ".join(str(e).split())
     return None
+
+
+def _swept_group(key: str) -> str | None:
+    """`group=a,b` from this multirun's command line when `key` lies in that config group, else None."""
+    args = sys.argv[1:]
+    if not {"-m", "--multirun"} & set(args):
+        return None
+    group = key.split(".")[0]
+    return next((a for a in args if a.startswith(f"{group}=") and "," in a), None)
 
 
 if __name__ == "__main__":
