@@ -156,7 +156,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ThawlabError(f"optimizer.moms={list(o.moms)} must be 3 values (start, middle, end) or null")
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
         raise ThawlabError("schedule.train_head=false leaves a new, random head untrained: set head.pretrained=true")
+    from thawlab.data.augment import INTERPOLATIONS
+
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+                                ("data.interpolation", cfg.data.get("interpolation"), INTERPOLATIONS),
                                 ("schedule.adapter", cfg.schedule.get("adapter"), ADAPTERS),
                                 ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
         if value is not None and value not in choices:
@@ -249,8 +252,11 @@ def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = Tr
     if adapters and adapter:
         ADAPTERS[adapter].add(model, cfg)
     dc = bb.data_config(model)
+    # the resize's resampling: data.interpolation, else the weights' own (timm: bicubic for most, OpenCLIP's
+    # preprocess config), as timm's create_transform and OpenCLIP's image_transform use it
     preprocess = Preprocess(img_size=cfg.data.img_size, in_chans=int(dc["input_size"][0]),
-                            mean=tuple(dc["mean"]), std=tuple(dc["std"]))
+                            mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                            interpolation=cfg.data.get("interpolation") or dc.get("interpolation") or "bilinear")
     # the width of what forward() returns with num_classes=0: head_hidden_size where a model has a pre-logits
     # layer wider than num_features (MobileNetV3's conv_head, MambaOut), else num_features
     width = getattr(model, "head_hidden_size", None) or model.num_features
@@ -293,7 +299,8 @@ def _load_pretrained_classifier(head, model, pretrained, num_classes: int) -> No
 
 
 # keys of a data config that describe the data rather than construct its data module
-NOT_DATA_MODULE_KEYS = ("source", "pretrain", "img_size", "classnames", "templates", "clip_pretrain")
+NOT_DATA_MODULE_KEYS = ("source", "pretrain", "img_size", "classnames", "templates", "clip_pretrain",
+                        "interpolation")  # the model's preprocessing (build_net), not the data module's
 
 
 def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target",

@@ -478,6 +478,8 @@ class Cifar10Config(DataConfig):
     augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(1.0, "(0, 1]")  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     img_size: int = num(32, "[1, inf)")
+    # the resize's resampling (bilinear, bicubic, ...); null: the model's own (its timm or OpenCLIP config)
+    interpolation: Optional[str] = None
 
 
 @dataclass
@@ -498,6 +500,7 @@ class Cifar10CConfig(DataConfig):
     augment: str = "none"
     crop_pct: float = num(1.0, "(0, 1]")
     img_size: int = num(32, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass
@@ -524,6 +527,7 @@ class ImageNetConfig(DataConfig):
     augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass
@@ -545,6 +549,7 @@ class ImageFolderConfig(DataConfig):
     augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass

@@ -93,19 +93,31 @@ def eval_transform(p: Preprocess, crop_pct: float = 0.875) -> Callable:
 
     size = p.img_size
     resize = int(math.floor(size / crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                      T.CenterCrop(size), *finish(p)])
+    return T.Compose([T.Resize(resize, interpolation=resampling(p), antialias=True), T.CenterCrop(size), *finish(p)])
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+
+
+def resampling(p: Preprocess):
+    """The torchvision mode of the model's interpolation (timm's and OpenCLIP's configs name it)."""
+    import torchvision.transforms as T
+
+    if p.interpolation not in INTERPOLATIONS:
+        raise ThawlabError(f"data.interpolation={p.interpolation!r}: choose from {', '.join(INTERPOLATIONS)} "
+                           f"(null: the model's own)")
+    return T.InterpolationMode(p.interpolation)
 
 
 def _crop(p: Preprocess, kind: str, recipe: Recipe) -> list[Callable]:
     import torchvision.transforms as T
 
-    size, bilinear = p.img_size, T.InterpolationMode.BILINEAR
+    size, mode = p.img_size, resampling(p)
     flip = [T.RandomHorizontalFlip(recipe.hflip)] if recipe.hflip > 0 else []
     if kind == "crop_flip":
-        return [T.Resize(size, interpolation=bilinear, antialias=True), T.CenterCrop(size),
+        return [T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size),
                 T.RandomCrop(size, padding=max(1, size // 8), fill=recipe.fill or 0), *flip]
-    return [T.RandomResizedCrop(size, scale=recipe.scale, interpolation=bilinear, antialias=True), *flip]
+    return [T.RandomResizedCrop(size, scale=recipe.scale, interpolation=mode, antialias=True), *flip]
 
 
 def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: Recipe = NATURAL) -> Callable:
@@ -129,7 +141,7 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
         fill = (recipe.fill,) * bands if recipe.fill is not None else \
             tuple(min(255, round(255 * m)) for m in p.mean[:bands])  # timm's own choice: the mean colour
         hparams = {"translate_const": int(p.img_size * 0.45), "img_mean": fill,  # as create_transform passes
-                   "interpolation": _pil_bilinear(),
+                   "interpolation": _pil(p),  # create_transform: the model's interpolation
                    # magnitudes drawn at 10 (9 + noise, clipped) make the increasing posterize keep 0 bits: a
                    # black image in older Pillow, a ValueError in Pillow 13. Capped just below: at least 1 bit.
                    "magnitude_max": MAGNITUDE_MAX}
@@ -137,10 +149,11 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
                           RandomErasing(RE_PROB, mode="pixel", device="cpu")])
     fill = [float(recipe.fill)] * bands if recipe.fill is not None else None
     return T.Compose([*steps, T.AugMix(severity=3, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False,
-                                       interpolation=T.InterpolationMode.BILINEAR, fill=fill), *finish(p)])
+                                       interpolation=resampling(p), fill=fill), *finish(p)])
 
 
-def _pil_bilinear():
-    from PIL import Image
+def _pil(p: Preprocess):
+    from timm.data.transforms import str_to_pil_interp
 
-    return Image.BILINEAR
+    resampling(p)  # checked
+    return str_to_pil_interp(p.interpolation)
