@@ -221,6 +221,15 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Selection rules reported beside the primary one (schedule.select), each over schedule.select_phases
+    (thawlab/selection.py): id_val (max val/id/acc), oracle (max mean OOD validation accuracy), last (the last
+    epoch). Each is tested: results.json `selections`, metrics `test/<rule>/<set>/<metric>`."""
+
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = num(1e-3, "[0, inf)")  # base lr of every group; phases scale it per group
@@ -597,6 +606,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
