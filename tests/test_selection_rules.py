@@ -137,3 +137,62 @@ def test_the_oracle_needs_ood_validation_sets(run):
     check_ood_validation(["last", "id_val"], ["id"], "cifar10")  # the other rules need none
     with pytest.raises(ThawlabError, match="data=cifar10 has none"):
         check_ood_validation(["oracle"], ["id"], "cifar10")
+
+
+# ---- thawlab-report --rule: a table per rule, the rule in every caption -------------------------------------
+
+def _report_dir(lp_ft, tmp_path):
+    """The two runs' results.json (the rules run and the schedule.select=last run) in a directory of their own."""
+    import shutil
+
+    for name in ("rules", "last"):
+        shutil.copytree(lp_ft[name]["run_dir"], tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))
+    return tmp_path
+
+
+def test_report_makes_a_table_per_rule(lp_ft, tmp_path):
+    from thawlab import report
+    from thawlab.report.rules import with_rule
+
+    root = _report_dir(lp_ft, tmp_path)
+    sel = lp_ft["rules"]["selections"]
+    # selection.rules changes no training (an inert override, never a row factor): the rules run's row is "all"
+    last_row, rules_row = "schedule.select=last", "all"
+
+    def table(rule):
+        runs = with_rule(report.load([root], include_smoke=True), rule)
+        t = report.summarize(runs)
+        return t, {r.label: r for r in t.rows}
+
+    t, rows = table("oracle")  # the rules run at its oracle checkpoint; the other run has none: a gap
+    assert set(rows) == {last_row, rules_row}
+    assert rows[rules_row].cells["ID"].values == [pytest.approx(100 * sel["oracle"]["metrics"]["test/id/acc"])]
+    assert rows[rules_row].cells["OOD mean"].values == [
+        pytest.approx(100 * sel["oracle"]["metrics"]["test/ood/mean/acc"])]
+    assert rows[last_row].n_text == "0 of 1"
+    assert "max val/ood/mean/acc within phase ft (the oracle: selected on OOD validation data)" in t.caption
+    assert "Selection rule: oracle (--rule)" in t.caption
+    assert any("no 'oracle' checkpoint (run it with selection.rules=[oracle])" in n for n in t.notes)
+    assert not any(c.key.startswith("test/source/") for c in t.columns), "the source task is the primary's"
+
+    t, rows = table("last")  # both runs at their last epoch: the same checkpoint, the same numbers
+    assert rows[rules_row].cells["ID"].values == pytest.approx(rows[last_row].cells["ID"].values, abs=1e-4)
+    assert "last epoch of phase ft" in t.caption and "max val/id/acc" not in t.caption
+
+    t, rows = table(None)  # each run's own rule, as before
+    assert rows[rules_row].cells["ID"].values == [pytest.approx(100 * lp_ft["rules"]["metrics"]["test/id/acc"])]
+    assert "max val/id/acc within phase ft (1 runs)" in t.caption and "last epoch of phase ft (1 runs)" in t.caption
+    assert "Selection rule" not in t.caption
+
+
+def test_report_rule_from_the_cli(lp_ft, tmp_path):
+    from conftest import BASE  # noqa: F401  (the runs are smoke runs: --include-smoke)
+    from thawlab.report.cli import main
+
+    root = _report_dir(lp_ft, tmp_path)
+    assert main([str(root), "--include-smoke", "--no-figures", "--rule", "oracle"]) == 0
+    text = (root / "rule_oracle" / "table.md").read_text()
+    assert "Selection rule: oracle" in text and "(the oracle: selected on OOD validation data)" in text
+    assert not (root / "table.md").exists()  # a rule's table never replaces the default report's
+    (root / "rules" / "results.json").unlink()  # left: the run without selections
+    assert main([str(root), "--include-smoke", "--no-figures", "--rule", "oracle"]) == 2

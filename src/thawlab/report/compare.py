@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from thawlab.report.runs import METRICS, Runs
 from thawlab.report.stats import ERFit, effective_robustness
-from thawlab.report.tables import Column, column_values, columns
+from thawlab.report.tables import Column, _rules, column_values, columns
 
 @dataclass
 class Pair:
@@ -137,7 +137,7 @@ def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=N
              f"differences; 95% CI: mean ± t(0.975, n−1) · std/√n; p: two-sided paired t-test of a zero mean "
              f"difference (scipy.stats.ttest_rel). `{na} better`: seeds in which {na} has the higher accuracy or "
              f"effective robustness, or the lower NLL or ECE, out of the paired n (ties named). Effective "
-             f"robustness: {fit.describe()}.", "",
+             f"robustness: {fit.describe()}. Checkpoints: {_rules(runs.row(a) + runs.row(b))}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for c, p in pairs:
         d = dict(zip(p.seeds, p.diffs))
