@@ -196,3 +196,53 @@ def test_report_rule_from_the_cli(lp_ft, tmp_path):
     assert not (root / "table.md").exists()  # a rule's table never replaces the default report's
     (root / "rules" / "results.json").unlink()  # left: the run without selections
     assert main([str(root), "--include-smoke", "--no-figures", "--rule", "oracle"]) == 2
+
+
+# ---- OOD validation on on-disk data: data.ood_val_fraction ----------------------------------------------------
+
+def test_ood_hold_out_is_stratified_disjoint_and_seeded():
+    import numpy as np
+
+    from thawlab.data.ood_val import split
+
+    labels = np.repeat([0, 1, 2], [10, 4, 1])
+    test, val = split(labels, 0.3, seed=5)
+    assert sorted([*test, *val]) == list(range(15)) and not set(test) & set(val)
+    assert [int((labels[val] == c).sum()) for c in range(3)] == [3, 1, 0]  # round(0.3 n), one test image kept
+    assert [int((labels[test] == c).sum()) for c in range(3)] == [7, 3, 1]
+    again, other = split(labels, 0.3, seed=5), split(labels, 0.3, seed=6)
+    assert np.array_equal(again[1], val) and not np.array_equal(other[1], val)
+
+
+def _folders(root):
+    from test_datasets import FOLDER_CLASSES, write_images
+
+    write_images(root / "train", FOLDER_CLASSES, 4)
+    write_images(root / "test", FOLDER_CLASSES, 2, key=20)
+    write_images(root / "ood_sketch", FOLDER_CLASSES, 4, key=30)
+    return root
+
+
+def test_imagefolder_ood_validation_for_the_oracle(run, tmp_path):
+    from test_datasets import FAST
+
+    from thawlab.data.folders import ImageFolders
+    from thawlab.data.preprocess import Preprocess
+
+    root = _folders(tmp_path / "data")
+    dm = ImageFolders(root=str(root), ood={"sketch": "ood_sketch"}, ood_val_fraction=0.5, val_fraction=0.25)
+    dm.preprocess = Preprocess(img_size=32)
+    dm.setup("fit")
+    val, test = dm.sets["val"]["ood/sketch"], dm.sets["test"]["ood/sketch"]
+    files = lambda s: {s.dataset.files[i] for i in s.indices}  # noqa: E731
+    assert len(files(val)) == len(files(test)) == 6 and not files(val) & files(test)
+    assert sorted(dm.sets["val"]) == ["id", "ood/sketch"]
+
+    data = ["data=imagefolder", f"data.root={root}", "data.ood={sketch:ood_sketch}", *FAST, "trainer.max_epochs=2"]
+    with pytest.raises(ThawlabError, match="data=imagefolder has none .* data.ood_val_fraction"):
+        run(*data, "selection.rules=[oracle]", smoke=False)
+    r = run(*data, "data.ood_val_fraction=0.5", "selection.rules=[oracle]", smoke=False)
+    assert r["counts"]["val/ood/sketch"] == 6 and r["counts"]["test/ood/sketch"] == 6
+    assert r["selections"]["oracle"]["value"] == pytest.approx(r["selections"]["oracle"]["val"]["val/ood/mean/acc"])
+    with pytest.raises(ThawlabError, match=r"data.ood_val_fraction=0.1 holds out no image of ood/sketch"):
+        run(*data, "data.ood_val_fraction=0.1", "selection.rules=[oracle]", smoke=False)

@@ -69,7 +69,8 @@ def check_ood_validation(rules, val_sets: list[str], data_name: str) -> None:
     """The oracle needs OOD validation sets: a one-line error where the data have none."""
     if "oracle" in check_rules(rules) and not any(s.startswith("ood/") for s in val_sets):
         raise ThawlabError(f"selection.rules: oracle selects on OOD validation sets, and data={data_name} has none "
-                           f"(its validation sets: {', '.join(val_sets)}); its OOD sets are test sets only")
+                           f"(its validation sets: {', '.join(val_sets)}); on-disk data hold part of each OOD "
+                           f"set out for it with data.ood_val_fraction")
 
 
 class SelectCheckpoint(ModelCheckpoint):
