@@ -3,6 +3,7 @@
     thawlab-report PATH... [--out DIR] [--metric acc|nll|ece] [--se] [--group-by KEY...] [--rows LABEL...]
                    [--baselines LABEL... | --testbed FILE] [--er-fit mean|per-set] [--compare A B]...
                    [--label ROW=NAME]... [--labels FILE] [--include-smoke] [--tune KEY] [--no-figures]
+                   [--rule id_val|oracle|last]
                    [--wandb [--wandb-project NAME] [--wandb-entity NAME]]
 
 Every results.json under the PATHs (searched recursively; a PATH may also be one results.json) is one run. Runs
@@ -38,6 +39,8 @@ Outputs, next to the runs (the common parent of the PATHs, or the single PATH) o
 - paired_<A>_vs_<B>.md for each `--compare A B`: per-seed differences A − B over the seeds both rows
   finished, mean ± std (s.e. with --se), a t-based 95% confidence interval of the mean difference, the
   two-sided paired t-test's p-value (scipy.stats.ttest_rel), and in how many seeds A is better.
+- with --rule NAME, the same in <out>/rule_NAME/ with every run at the checkpoint of that selection rule
+  (results.json `selections`; thawlab.report.rules): id_val, oracle (OOD validation) or last.
 - with --wandb, a W&B run of the report (job_type report, the sweep's group): the table, the paired
   comparisons and the figures (thawlab.report.wandb_run).
 
