@@ -246,3 +246,15 @@ def test_imagefolder_ood_validation_for_the_oracle(run, tmp_path):
     assert r["selections"]["oracle"]["value"] == pytest.approx(r["selections"]["oracle"]["val"]["val/ood/mean/acc"])
     with pytest.raises(ThawlabError, match=r"data.ood_val_fraction=0.1 holds out no image of ood/sketch"):
         run(*data, "data.ood_val_fraction=0.1", "selection.rules=[oracle]", smoke=False)
+
+
+def test_ddp_oracle_without_ood_validation_is_one_line_before_any_rank(tmp_path, cache_dir):
+    from conftest import cli
+
+    r = cli("debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "logger=none", "data.ood=[]",
+            "selection.rules=[oracle]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, cache=cache_dir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "rank" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "thawlab-train: error: selection.rules: oracle selects on OOD validation sets, and data=digits has none "
+        "(its validation sets: id); on-disk data hold part of each OOD set out for it with data.ood_val_fraction")
+    assert not (tmp_path / "run" / "ranks").exists()

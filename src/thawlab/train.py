@@ -106,7 +106,15 @@ def _prepare(cfg: DictConfig) -> None:
 
     check_config(cfg)
     ranks.check(cfg)
-    build_datamodule(cfg.data, None, shuffle_seed=cfg.seed).prepare_data()  # checks files, downloads once
+    dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
+    dm.prepare_data()  # checks files, downloads once
+    if "oracle" in _rules(cfg):  # its OOD validation sets are known once the sets are built: before any rank starts
+        from thawlab.data.preprocess import Preprocess
+        from thawlab.selection import check_ood_validation
+
+        dm.preprocess = Preprocess(img_size=cfg.data.img_size)  # the sets' names alone: any preprocessing will do
+        dm.setup("fit")
+        check_ood_validation(_rules(cfg), dm.eval_sets("val"), _data_name(cfg))
     if cfg.backbone.pretrained == "source":
         source_weights(cfg)
 
