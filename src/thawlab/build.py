@@ -25,7 +25,7 @@ from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
-from thawlab.selection import SELECT, SelectCheckpoint
+from thawlab.selection import SELECT, SelectCheckpoint, check_rules, extra_rules
 
 WIDE = 240  # columns of output that is not a terminal (a pipe, a SLURM log): rich's default 80 cuts tables
 
@@ -148,6 +148,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ThawlabError(f"trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r} is not one "
                            f"of norm, value")
     stopping.check(cfg.get("early_stopping"))
+    check_rules((cfg.get("selection") or {}).get("rules"))
     diagnostics.check(cfg.get("diagnostics"), cfg.trainer.max_epochs)
     o = cfg.optimizer
     if not 0 < o.cut_frac < 1 or o.ratio < 1:
@@ -418,10 +419,11 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
                   early_stopping: DictConfig | None = None, select: str = "best", callbacks=(),
-                  **overrides) -> L.Trainer:
+                  rules=(), **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
     counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks).
     select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`).
+    rules: selection.rules, the rules whose checkpoints are kept too (the primary one is not repeated).
     callbacks: more callbacks, run before the checkpoints (Lightning calls ModelCheckpoint last)."""
     from thawlab import ranks
 
@@ -434,6 +436,7 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: Di
         # written every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in
         # epochs whose monitored metric improved, which would resume a killed run from a stale epoch
         callbacks.append(SelectCheckpoint(run_dir / "checkpoints", select))
+        callbacks += [SelectCheckpoint(run_dir / "checkpoints", r, primary=False) for r in extra_rules(rules, select)]
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
     if early_stopping is not None and early_stopping.patience is not None:

@@ -221,6 +221,15 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Selection rules reported beside the primary one (schedule.select), each over schedule.select_phases
+    (thawlab/selection.py): id_val (max val/id/acc), oracle (max mean OOD validation accuracy), last (the last
+    epoch). Each is tested: results.json `selections`, metrics `test/<rule>/<set>/<metric>`."""
+
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = num(1e-3, "[0, inf)")  # base lr of every group; phases scale it per group
@@ -470,6 +479,9 @@ class Cifar10Config(DataConfig):
     # at most this many training images per class (null: all)
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["cifar10_1", "stl10", "cifar10_c"])
     corruptions: list[str] = field(default_factory=lambda: [
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
@@ -496,6 +508,9 @@ class Cifar10CConfig(DataConfig):
     val_per_class: int = num(10, "[1, inf)")
     test_per_class: Optional[int] = num(None, "[1, inf)", "null: every image left")  # null: every image left
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["cifar10"])  # the clean CIFAR-10 test set, or []
     augment: str = "none"
     crop_pct: float = num(1.0, "(0, 1]")
@@ -523,6 +538,9 @@ class ImageNetConfig(DataConfig):
     val_per_class: int = num(10, "[1, inf)")
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"])
     augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
@@ -546,6 +564,9 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = num(0.1, "(0, 1)")  # without a val folder: this fraction of each class held out of train
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
@@ -602,6 +623,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)

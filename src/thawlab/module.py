@@ -160,6 +160,7 @@ class FineTuner(L.LightningModule):
         self.identity: dict | None = None
         self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
+        self.metric_prefix: dict[str, str] = {}  # stage -> the prefix of its metric names, when not the stage
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
         self.label_smoothing = reg.get("label_smoothing", 0.0)
         self.mix = make_mixup(reg, num_classes)
@@ -449,17 +450,20 @@ class FineTuner(L.LightningModule):
 
     def _eval_epoch_end(self, stage):
         values: dict[str, float] = {}
+        # the test of another selection rule's checkpoint logs as test/<rule>/... (train.evaluate_selected), so
+        # the primary rule's keys keep their meaning in W&B
+        prefix = self.metric_prefix.get(stage, stage)
         for i, name in enumerate(self.eval_sets[stage]):
             collection = self.metrics[f"{stage}_{i}"]
             for metric, v in collection.compute().items():
                 if metric == "count":
                     self.counts[f"{stage}/{name}"] = int(v)
                 else:
-                    values[f"{stage}/{name}/{metric}"] = float(v)
+                    values[f"{prefix}/{name}/{metric}"] = float(v)
             collection.reset()
-        values.update(ood_mean(values, stage, self.eval_sets[stage]))
+        values.update(ood_mean(values, prefix, self.eval_sets[stage]))
         self.computed[stage] = values
-        headline = f"{stage}/id/acc"  # on the progress bar; the rest only in the logger
+        headline = f"{prefix}/id/acc"  # on the progress bar; the rest only in the logger
         self.log_dict({k: v for k, v in values.items() if k != headline}, add_dataloader_idx=False)
         self.log(headline, values[headline], prog_bar=True, add_dataloader_idx=False)
 

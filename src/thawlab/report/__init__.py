@@ -3,6 +3,7 @@
     thawlab-report PATH... [--out DIR] [--metric acc|nll|ece] [--se] [--group-by KEY...] [--rows LABEL...]
                    [--baselines LABEL... | --testbed FILE] [--er-fit mean|per-set] [--compare A B]...
                    [--label ROW=NAME]... [--labels FILE] [--include-smoke] [--tune KEY] [--no-figures]
+                   [--rule id_val|oracle|last]
                    [--wandb [--wandb-project NAME] [--wandb-entity NAME]]
 
 Every results.json under the PATHs (searched recursively; a PATH may also be one results.json) is one run. Runs
@@ -43,6 +44,8 @@ Outputs, next to the runs (the common parent of the PATHs, or the single PATH) o
   `zero-shot[<keys that differ>]`), per seed the mean over that seed's runs, never a baseline of the fit, a star
   in id_vs_ood, usable in --rows, --label and --compare (`--compare schedule=wise_ft zero-shot`); the caption
   says whether its figures are identical across runs and seeds.
+- with --rule NAME, the same in <out>/rule_NAME/ with every run at the checkpoint of that selection rule
+  (results.json `selections`; thawlab.report.rules): id_val, oracle (OOD validation) or last.
 - with --wandb, a W&B run of the report (job_type report, the sweep's group): the table, the paired
   comparisons and the figures (thawlab.report.wandb_run).
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from thawlab.report.runs import METRICS, Runs
 from thawlab.report.stats import ERFit, effective_robustness
-from thawlab.report.tables import Column, column_values, columns
+from thawlab.report.tables import Column, _rules, column_values, columns
 
 @dataclass
 class Pair:
@@ -138,7 +138,7 @@ def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=N
              f"difference (scipy.stats.ttest_rel). `{na} better`: seeds in which {na} has the higher accuracy or "
              f"effective robustness, or the lower NLL or ECE, out of the paired n (ties named; the distortion ratio, "
              f"a diagnostic with no better direction: the seeds in which it is lower). Effective "
-             f"robustness: {fit.describe()}.", "",
+             f"robustness: {fit.describe()}. Checkpoints: {_rules(runs.row(a) + runs.row(b))}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for c, p in pairs:
         d = dict(zip(p.seeds, p.diffs))

@@ -355,8 +355,12 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
         key = next(iter(runs.tuned.values()))[0]
         choices = "; ".join(f"{row}: {best} (" + ", ".join(f"{v}: {100 * m:.1f}" for v, m in means.items()) + ")"
                             for row, (_, best, means) in runs.tuned.items() if row in labels)
-        caption += (f" {key} chosen per row on ID validation (mean val/id/acc of the selected checkpoints over "
-                    f"seeds, in %): {choices}.")
+        on = ("OOD validation (the oracle: mean val/ood/mean/acc" if runs.rule == "oracle"
+              else "ID validation (mean val/id/acc")
+        caption += f" {key} chosen per row on {on} of the selected checkpoints over seeds, in %): {choices}."
+    if runs.rule:
+        caption += (f" Selection rule: {runs.rule} (--rule), every run at the checkpoint this rule chose; what only "
+                    f"the run's own checkpoint measures (source task, drift, WiSE-FT) is left out.")
     if any(c.key.startswith("test/source/") for c in cols):
         caption += (" Source task: the fine-tuned backbone with the original source head on the source test set "
                     "(forgetting).")
