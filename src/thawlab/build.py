@@ -19,7 +19,7 @@ from rich.table import Table
 
 from thawlab import backbone as bb
 from thawlab import clip as openclip
-from thawlab import diagnostics, reft, schedules, stopping
+from thawlab import diagnostics, projection, reft, schedules, stopping
 from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
@@ -170,6 +170,7 @@ def check_config(cfg: DictConfig) -> None:
                            f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
                            f"applies to the head)")
     check_regularization(cfg)
+    projection.check(cfg)
     cache_options(cfg)
 
 
