@@ -4,7 +4,6 @@ thawlab runs that end where each method says they may."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +93,112 @@ def test_projection_acts_in_the_reference_trajectories():
         plain_dist = dist(dict(model.named_parameters()))
         for scenario in ("tpgm_mars", "tpgm_l2"):
             assert dist(REFERENCE["runs"][f"{model_name}/{scenario}"][-1]) < plain_dist, (model_name, scenario)
+
+
+# ---- real thawlab runs ------------------------------------------------------------------------------------
+class Probe:
+    """A Lightning callback that records, around every optimizer step, each projected tensor's distance to w0
+    (and SPD's condition), and at the end of fit the weights, w0, the optimizer state and TPGM's radii."""
+
+    def __init__(self):
+        import lightning as L
+
+        self.callback = type("ProbeCallback", (L.Callback,), {
+            "on_before_optimizer_step": lambda _, trainer, module, opt: self.before(module),
+            "on_train_batch_end": lambda _, trainer, module, *a: self.after(module),
+            "on_train_end": lambda _, trainer, module: self.end(module, trainer)})()
+        self.steps: list[dict] = []
+
+    def projected(self, module):
+        if getattr(module, "projection", None) is None:  # (the source pretraining a first run may start)
+            return {}
+        params = dict(module.net.backbone.named_parameters())
+        return {n: (params[n], getattr(module.w0, str(i))) for n, i in module._w0_index.items()}
+
+    def before(self, module):
+        self._before = {n: (float(torch.norm(p - w0)), float(-torch.sum(p.grad * (p - w0))))
+                        for n, (p, w0) in self.projected(module).items() if p.grad is not None}
+
+    def after(self, module):
+        self.steps.append({n: (*self._before[n], float(torch.norm(p.detach() - w0)))
+                           for n, (p, w0) in self.projected(module).items() if n in self._before})
+
+    def end(self, module, trainer):
+        if getattr(module, "projection", None) is None:
+            return
+        self.weights = {n: (p.detach().clone(), w0.clone()) for n, (p, w0) in self.projected(module).items()}
+        opt = trainer.optimizers[0]
+        params = dict(module.net.named_parameters())
+        self.state = {n: dict(opt.state.get(p, {})) for n, p in params.items()}
+        self.radii = {n: float(module.tpgm.radii[f"backbone.{n}"]) for n in self.weights} if module.tpgm else None
+        self.started = module.tpgm.radii.started.clone() if module.tpgm else None
+
+
+def probed_run(run, monkeypatch, *overrides):
+    from conftest import add_callbacks
+
+    probe = Probe()
+    add_callbacks(monkeypatch, probe.callback)
+    return run(*overrides), probe
+
+
+def test_ftp_run_keeps_each_row_within_its_learned_radius(run, monkeypatch, capsys):
+    results, probe = probed_run(run, monkeypatch, "regularization=ftp")
+    assert "projection ftp:" in capsys.readouterr().err
+    assert results["config"]["regularization"]["projection"] == "ftp"
+    for name, (w, w0) in probe.weights.items():
+        state = probe.state[f"backbone.{name}"]
+        assert state["ftp_t"] == 6  # 3 epochs x 2 batches, every tensor trained in every step
+        rows = projection.mars_norm(w - w0)
+        assert float(rows.max()) <= float(state["ftp_gamma"]) * (1 + 1e-5) + 1e-7, name  # FTP's radius bounds it
+    assert not any("ftp_gamma" in probe.state[n] for n in ("head.fc.weight", "head.fc.bias")), "head not projected"
+    assert any(float((w - w0).abs().max()) > 0 for w, w0 in probe.weights.values())
+
+
+def test_spd_run_never_moves_a_selected_tensor_away_from_w0(run, monkeypatch):
+    """With lambda = 1 SPD is a projection: a tensor whose gradient points away from w0 (-<g, w - w0> < 0) ends
+    the step no farther from w0 than it began it; the others move freely."""
+    _, probe = probed_run(run, monkeypatch, "regularization=spd")
+    selected = freely = 0
+    for step in probe.steps:
+        for name, (before, condition, after) in step.items():
+            if condition < 0:
+                selected += 1
+                assert after <= before * (1 + 1e-5) + 1e-7, (name, before, after)
+            elif after > before:
+                freely += 1
+    assert selected and freely, (selected, freely)
+
+
+def test_tpgm_run_ends_within_the_learned_radii(run, monkeypatch):
+    _, probe = probed_run(run, monkeypatch, "regularization=tpgm")
+    assert bool(probe.started.all()), "every tensor of the body was projected"
+    for name, (w, w0) in probe.weights.items():
+        rows = projection.mars_norm(w - w0)
+        assert float(rows.max()) <= probe.radii[name] * (1 + 1e-5) + 1e-7, (name, float(rows.max()), probe.radii[name])
+
+
+def test_projection_leaves_frozen_groups_as_pretrained(run, monkeypatch):
+    """schedule=gradual unfreezes one group per epoch: each tensor's FTP radius starts when the tensor first
+    trains; the groups never unfrozen stay bitwise at w0."""
+    _, probe = probed_run(run, monkeypatch, "regularization=ftp", "schedule=gradual")
+    frozen = [n for n, (w, w0) in probe.weights.items() if torch.equal(w, w0)]
+    moved = [n for n in probe.weights if n not in frozen]
+    assert frozen and moved
+    assert all("ftp_t" not in probe.state[f"backbone.{n}"] for n in frozen)
+    assert {probe.state[f"backbone.{n}"]["ftp_t"] for n in moved} <= {2, 4}  # unfrozen after 1 or 2 epochs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["regularization=ftp", "backbone.pretrained=false"],
+     "regularization.projection=ftp projects toward the pretrained weights theta_0: backbone.pretrained=false"),
+    (["regularization.projection=fpt"], "regularization.projection='fpt' is not one of ftp, spd, tpgm"),
+    (["regularization=spd", "optimizer.name=sgd"], "regularization.projection=spd with optimizer.name=sgd"),
+    (["regularization=tpgm", "schedule=lora"], "regularization.projection=tpgm with schedule.adapter=lora"),
+    (["regularization=tpgm", "regularization.tpgm_norm=l1"], "regularization.tpgm_norm='l1' is not one of mars, l2"),
+    (["regularization=ftp", "regularization.ftp_k=2"], "regularization.ftp_k=2"),
+])
+def test_bad_projection_input_is_one_line(overrides, message):
+    with pytest.raises(ThawlabError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
+        check_config(compose_cfg(["logger=none", *overrides]))
+    assert "\n" not in str(e.value)

@@ -32,6 +32,7 @@ from torch import nn
 from thawlab.errors import ThawlabError, did_you_mean
 
 PROJECTIONS = ("ftp", "spd", "tpgm")
+TPGM_NORMS = ("mars", "l2")  # TPGM's norm of w - w0: L1 per output row (the reference's "mars"), or the whole L2
 
 # FTP's constants, hard-coded in the reference (util/FTP.py, class FTP.__init__): the Adam that updates each
 # radius gamma, and gamma's starting value on the first step
@@ -185,9 +186,14 @@ def check(cfg) -> None:
         raise ThawlabError(f"regularization.projection=spd with optimizer.name={cfg.optimizer.name}: SPD's "
                            f"reference is Adam's step (AdamSPD) only; use optimizer.name=adamw")
     if method == "tpgm":
-        from thawlab.tpgm import check as check_tpgm
+        from thawlab import ranks
 
-        check_tpgm(cfg)
+        if r.tpgm_norm not in TPGM_NORMS:
+            raise ThawlabError(f"regularization.tpgm_norm={r.tpgm_norm!r} is not one of {', '.join(TPGM_NORMS)}")
+        if ranks.world_size(cfg) > 1:
+            raise ThawlabError(f"regularization.projection=tpgm with {ranks.world_size(cfg)} processes: each rank "
+                               f"would train the radii on its own validation batches and the ranks would drift "
+                               f"apart; run TPGM on one device")
 
 
 def anchors_of(module: nn.Module, names: list[str], anchor: Callable[[str], torch.Tensor]) -> dict:

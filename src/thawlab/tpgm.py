@@ -20,23 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thawlab.errors import ThawlabError
 from thawlab.projection import Projection, mars_norm
-
-NORMS = ("mars", "l2")
-
-
-def check(cfg) -> None:
-    from thawlab import ranks
-
-    r = cfg.regularization
-    if r.tpgm_norm not in NORMS:
-        raise ThawlabError(f"regularization.tpgm_norm={r.tpgm_norm!r} is not one of {', '.join(NORMS)}")
-    if ranks.world_size(cfg) > 1:
-        raise ThawlabError(f"regularization.projection=tpgm with {ranks.world_size(cfg)} processes: each rank "
-                           f"would train the radii on its own validation batches and the ranks would drift apart; "
-                           f"run TPGM on one device")
-
 
 def val_loader(datamodule):
     """The reference's pgm loader: the ID validation set, shuffled (seeded), batches of the training batch size."""
@@ -104,6 +88,8 @@ class TPGM:
 
     def train_radii(self, anchors) -> None:
         """The reference's tpgm_iters (apply=False): `iters` Adam steps of the radii on validation batches."""
+        if not self._trained(anchors):  # no tensor of the body trains in this phase (a linear probe)
+            return
         net = self.net
         modes = {m: m.training for m in net.modules()}
         net.eval()  # the reference's new_copy.eval()
