@@ -44,7 +44,7 @@ def thawlab_run(model_name: str, scenario: str) -> list[dict]:
     if scenario.startswith("tpgm"):
         reg = {"tpgm_norm": h["norm_mode"], "tpgm_every": h["proj_freq"], "tpgm_iters": h["max_iters"],
                "tpgm_lr": h["proj_lr"]}
-        method = TPGM(model, body, reg, lambda: val).projection(anchors)
+        method = TPGM(model, body, reg, lambda k: val[k % len(val)]).projection(anchors)  # the list, cycled
     else:
         method = projection.make(scenario.split("_")[0], anchors, {"ftp_k": h.get("k"),
                                                                    "spd_weight_decay": h["weight_decay"]})
@@ -202,3 +202,30 @@ def test_bad_projection_input_is_one_line(overrides, message):
     with pytest.raises(ThawlabError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
         check_config(compose_cfg(["logger=none", *overrides]))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["ftp", "tpgm"])
+def test_a_resumed_projection_run_equals_an_uninterrupted_one(run, monkeypatch, method):
+    """FTP's radii and moments (optimizer state) and TPGM's radii, their Adam and its validation draws
+    (checkpoint `thawlab_tpgm`) come back with the checkpoint: killed after epoch 0 and resumed, the run ends
+    bitwise where the uninterrupted one does."""
+    from conftest import Killed, KillAfter, add_callbacks
+
+    overrides = (f"regularization={method}", "diagnostics=none")
+    whole = run(*overrides)
+    with monkeypatch.context() as m:
+        add_callbacks(m, KillAfter(0))
+        with pytest.raises(Killed):
+            run(*overrides, name="resumed")
+    resumed = run(*overrides, "ckpt_path=last", name="resumed")
+    a = torch.load(whole["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resuming"
+    if method == "tpgm":
+        assert a["thawlab_tpgm"]["drawn"] == b["thawlab_tpgm"]["drawn"] == 6
+        for k, v in a["thawlab_tpgm"]["radii"].items():
+            assert torch.equal(v, b["thawlab_tpgm"]["radii"][k]), k
+    else:
+        assert any("ftp_gamma" in s for s in a["optimizer_states"][0]["state"].values())
+    assert resumed["metrics"] == whole["metrics"]

@@ -416,10 +416,11 @@ class FineTuner(L.LightningModule):
             self._w0_index[n.removeprefix("backbone.")])))
         reg = self.hparams["regularization"]
         if self.projection == "tpgm":
-            from thawlab.tpgm import TPGM, val_loader
+            from thawlab.tpgm import TPGM, val_batches
 
             if self.tpgm is None:
-                self.tpgm = TPGM(self.net, names, reg, lambda: val_loader(self.trainer.datamodule), self.device,
+                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+                self.tpgm = TPGM(self.net, names, reg, val_batches(self.trainer.datamodule, seed), self.device,
                                  self.channels_last)
                 if getattr(self, "_tpgm_state", None) is not None:  # a resumed run's radii
                     self.tpgm.load_state_dict(self._tpgm_state)

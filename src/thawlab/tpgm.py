@@ -6,8 +6,8 @@ After each optimizer step the pretrained body is projected toward w0: w = w0 + c
 tensor's). Every `tpgm_every` steps (counted within the epoch, as the reference's batch index) the radii first
 take `tpgm_iters` Adam steps (lr `tpgm_lr`) on the cross-entropy of the projected network, in eval mode, on ID
 validation batches (the reference's pgm loader: the validation split, shuffled, batches of the training batch
-size). A radius starts at half its tensor's smallest norm the first time the tensor is projected, and is clipped
-to [1e-8, max norm] before each use.
+size; here the draws are a function of their count, so a resume continues them). A radius starts at half its
+tensor's smallest norm the first time the tensor is projected, and is clipped to [1e-8, max norm] before each use.
 
 The reference runs the projected network as a deep copy with the radii's graph copied into its weights; here the
 same function is `torch.func.functional_call` of the network with the projected weights, every module in eval
@@ -22,13 +22,26 @@ from torch import nn
 
 from thawlab.projection import Projection, mars_norm
 
-def val_loader(datamodule):
-    """The reference's pgm loader: the ID validation set, shuffled (seeded), batches of the training batch size."""
-    from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(int(getattr(datamodule, "shuffle_seed", 0) or 0))
-    return DataLoader(datamodule.sets["val"]["id"], batch_size=datamodule.batch_size, shuffle=True,
-                      generator=generator)
+class ValBatches:
+    """The reference's pgm loader (the ID validation set, shuffled, batches of the training batch size, started
+    again when it runs out) as a function of how many batches were drawn: pass e is the permutation seeded by
+    (seed, e), so a resumed run draws the batches the uninterrupted run would have."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.per_pass = -(-len(dataset) // batch_size)  # the last batch of a pass may be smaller (drop_last=False)
+
+    def __call__(self, k: int):
+        from torch.utils.data import default_collate
+
+        e, i = divmod(k, self.per_pass)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100003 + e))
+        return default_collate([self.dataset[int(j)] for j in order[i * self.batch_size:(i + 1) * self.batch_size]])
+
+
+def val_batches(datamodule, seed: int) -> ValBatches:
+    return ValBatches(datamodule.sets["val"]["id"], datamodule.batch_size, seed)
 
 
 class Radii(nn.Module):
@@ -46,17 +59,17 @@ class Radii(nn.Module):
 
 class TPGM:
     """The radii, their Adam, the validation batches, and the projection step, over the parameters `names` of
-    `net`. `loader` makes the (shuffled) validation batches, an iterable of (images, labels, ...) batches."""
+    `net`. `batch_at(k)` is the k-th validation batch drawn, (images, labels, ...)."""
 
-    def __init__(self, net: nn.Module, names: list[str], reg: dict, loader, device=None,
+    def __init__(self, net: nn.Module, names: list[str], reg: dict, batch_at, device=None,
                  channels_last: bool = False):
-        self.net, self.names, self.loader, self.channels_last = net, names, loader, channels_last
+        self.net, self.names, self.batch_at, self.channels_last = net, names, batch_at, channels_last
         self.device = device if device is not None else next(net.parameters()).device
         self.norm, self.every, self.iters = reg.get("tpgm_norm", "mars"), reg.get("tpgm_every", 1), \
             reg.get("tpgm_iters", 1)
         self.radii = Radii(names).to(self.device)
         self.optimizer = torch.optim.Adam(self.radii.parameters(), lr=reg.get("tpgm_lr", 1e-2))
-        self.batches = None  # an iterator over the validation batches, made on first use
+        self.drawn = 0  # validation batches drawn so far
         self.step_in_epoch = 0  # the reference's batch index i: `if i % proj_freq == 0` trains the radii
 
     # ---- the reference's TPGM._project_ratio --------------------------------------------------------------
@@ -76,16 +89,6 @@ class TPGM:
         params = dict(self.net.named_parameters())
         return [(n, params[n], anchors[id(params[n])]()) for n in self.names if params[n].requires_grad]
 
-    def _batch(self):
-        if self.batches is None:
-            self._loader = self.loader()
-            self.batches = iter(self._loader)
-        try:
-            return next(self.batches)
-        except StopIteration:  # the reference starts the loader again
-            self.batches = iter(self._loader)
-            return next(self.batches)
-
     def train_radii(self, anchors) -> None:
         """The reference's tpgm_iters (apply=False): `iters` Adam steps of the radii on validation batches."""
         if not self._trained(anchors):  # no tensor of the body trains in this phase (a linear probe)
@@ -95,7 +98,8 @@ class TPGM:
         net.eval()  # the reference's new_copy.eval()
         try:
             for _ in range(self.iters):
-                batch = self._batch()
+                batch = self.batch_at(self.drawn)
+                self.drawn += 1
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -124,11 +128,12 @@ class TPGM:
         return _Step(self, anchors)
 
     def state_dict(self) -> dict:
-        return {"radii": self.radii.state_dict(), "adam": self.optimizer.state_dict()}
+        return {"radii": self.radii.state_dict(), "adam": self.optimizer.state_dict(), "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.radii.load_state_dict(state["radii"])
         self.optimizer.load_state_dict(state["adam"])
+        self.drawn = state["drawn"]
 
 
 class _Step(Projection):
