@@ -40,7 +40,8 @@ def thawlab_run(model_name: str, scenario: str) -> list[dict]:
     if scenario in ("ftp_adamp", "spd"):
         opt = OPTIMIZERS["adamw"](groups, {"lr": h["lr"], "weight_decay": 0.0 if spd else h["weight_decay"]})
     else:
-        opt = OPTIMIZERS["sgd"](groups, {"lr": h["lr"], "momentum": h["momentum"], "weight_decay": h["weight_decay"]})
+        opt = OPTIMIZERS["sgd"](groups, {"lr": h["lr"], "momentum": h["momentum"], "nesterov": h["nesterov"],
+                                         "weight_decay": h["weight_decay"]})
     if scenario.startswith("tpgm"):
         reg = {"tpgm_norm": h["norm_mode"], "tpgm_every": h["proj_freq"], "tpgm_iters": h["max_iters"],
                "tpgm_lr": h["proj_lr"]}
@@ -197,6 +198,8 @@ def test_projection_leaves_frozen_groups_as_pretrained(run, monkeypatch):
     (["regularization=tpgm", "schedule=lora"], "regularization.projection=tpgm with schedule.adapter=lora"),
     (["regularization=tpgm", "regularization.tpgm_norm=l1"], "regularization.tpgm_norm='l1' is not one of mars, l2"),
     (["regularization=ftp", "regularization.ftp_k=2"], "regularization.ftp_k=2"),
+    (["regularization=ftp", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"],
+     "optimizer.nesterov=true with optimizer.momentum=0"),
 ])
 def test_bad_projection_input_is_one_line(overrides, message):
     with pytest.raises(ThawlabError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:

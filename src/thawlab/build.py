@@ -152,6 +152,8 @@ def check_config(cfg: DictConfig) -> None:
     o = cfg.optimizer
     if not 0 < o.cut_frac < 1 or o.ratio < 1:
         raise ThawlabError(f"optimizer.cut_frac={o.cut_frac} must be in (0, 1) and optimizer.ratio={o.ratio} >= 1")
+    if o.get("nesterov") and o.name == "sgd" and o.momentum == 0:
+        raise ThawlabError("optimizer.nesterov=true with optimizer.momentum=0: Nesterov momentum needs a momentum")
     if o.get("moms") is not None and len(o.moms) != 3:
         raise ThawlabError(f"optimizer.moms={list(o.moms)} must be 3 values (start, middle, end) or null")
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):

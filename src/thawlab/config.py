@@ -227,6 +227,7 @@ class OptimizerConfig:
     weight_decay: float = num(0.0, "[0, inf)")
     no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = num(0.9, "[0, 1)")  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (FTP's SGDP and TPGM's SGD runs use it)
     # adamw only (fastai's Adam: 0.9, 0.99)
     betas: list[float] = num(spec="[0, 1)", factory=lambda: [0.9, 0.999])
     eps: float = num(1e-8, "(0, inf)")  # adamw only (fastai's Adam: 1e-5)

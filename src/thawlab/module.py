@@ -49,7 +49,7 @@ OPTIMIZERS = {
     "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"],
                                                  betas=tuple(c.get("betas", (0.9, 0.999))), eps=c.get("eps", 1e-8)),
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
-                                             weight_decay=c["weight_decay"]),
+                                             weight_decay=c["weight_decay"], nesterov=c.get("nesterov", False)),
 }
 
 
