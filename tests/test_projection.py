@@ -171,8 +171,10 @@ def test_spd_run_never_moves_a_selected_tensor_away_from_w0(run, monkeypatch):
     assert selected and freely, (selected, freely)
 
 
-def test_tpgm_run_ends_within_the_learned_radii(run, monkeypatch):
-    _, probe = probed_run(run, monkeypatch, "regularization=tpgm")
+@pytest.mark.parametrize("schedule", ["full", "lp_ft"])
+def test_tpgm_run_ends_within_the_learned_radii(run, monkeypatch, schedule):
+    """lp_ft: the probe's steps train no tensor of the body, so the radii wait for fine-tuning."""
+    _, probe = probed_run(run, monkeypatch, "regularization=tpgm", f"schedule={schedule}")
     assert bool(probe.started.all()), "every tensor of the body was projected"
     for name, (w, w0) in probe.weights.items():
         rows = projection.mars_norm(w - w0)

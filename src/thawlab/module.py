@@ -389,7 +389,7 @@ class FineTuner(L.LightningModule):
                 n = names[id(p)]
                 parts.setdefault((n in exempt, scales[n], n if per_tensor else ""), []).append(p)
             # SPD takes Adam's step without weight decay on what it projects: its lambda replaces the decay there
-            spd_body = self.projection == "spd" and g in self.net.groups and g not in ("head", "text")
+            spd_body = self.projection == "spd" and g not in ("head", "text")
             for (no_decay, scale, tensor), params in sorted(parts.items()):
                 groups.append({"params": params, "name": g, "layer_decay_scale": scale,
                                **({"tensor": tensor} if tensor else {}),
@@ -430,9 +430,11 @@ class FineTuner(L.LightningModule):
         projection.attach(opt, method)
         if self.note is not None:
             sizes = dict(self.net.named_parameters())
-            self.note(f"projection {self.projection}: {len(names)} tensors of the backbone "
-                      f"({sum(sizes[n].numel() for n in names):,} parameters) projected toward the pretrained "
-                      f"weights after each step they train in; the head is not projected")
+            trained = {n for p in self.phases for n, t in self.net.trains(p).items() if t and n in names}
+            self.note(f"projection {self.projection}: {len(trained)} of the backbone's {len(names)} tensors "
+                      f"({sum(sizes[n].numel() for n in trained):,} parameters) train in some phase and are "
+                      f"projected toward the pretrained weights after each step they train in; the head is not"
+                      + ("" if trained else " (no phase trains the backbone: the projection does nothing)"))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
