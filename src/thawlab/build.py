@@ -19,7 +19,7 @@ from rich.table import Table
 
 from thawlab import backbone as bb
 from thawlab import clip as openclip
-from thawlab import diagnostics, reft, schedules, stopping
+from thawlab import diagnostics, projection, reft, schedules, stopping
 from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
@@ -153,6 +153,8 @@ def check_config(cfg: DictConfig) -> None:
     o = cfg.optimizer
     if not 0 < o.cut_frac < 1 or o.ratio < 1:
         raise ThawlabError(f"optimizer.cut_frac={o.cut_frac} must be in (0, 1) and optimizer.ratio={o.ratio} >= 1")
+    if o.get("nesterov") and o.name == "sgd" and o.momentum == 0:
+        raise ThawlabError("optimizer.nesterov=true with optimizer.momentum=0: Nesterov momentum needs a momentum")
     if o.get("moms") is not None and len(o.moms) != 3:
         raise ThawlabError(f"optimizer.moms={list(o.moms)} must be 3 values (start, middle, end) or null")
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
@@ -174,6 +176,7 @@ def check_config(cfg: DictConfig) -> None:
                            f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
                            f"applies to the head)")
     check_regularization(cfg)
+    projection.check(cfg)
     cache_options(cfg)
 
 

@@ -236,6 +236,7 @@ class OptimizerConfig:
     weight_decay: float = num(0.0, "[0, inf)")
     no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = num(0.9, "[0, 1)")  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (FTP's SGDP and TPGM's SGD runs use it)
     # adamw only (fastai's Adam: 0.9, 0.99)
     betas: list[float] = num(spec="[0, 1)", factory=lambda: [0.9, 0.999])
     eps: float = num(1e-8, "(0, inf)")  # adamw only (fastai's Adam: 1e-5)
@@ -360,6 +361,14 @@ class RegularizationConfig:
     # L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the pretrained body + beta/2 ||w_head||^2
     l2sp_alpha: float = num(0.0, "[0, inf)")
     l2sp_beta: float = num(0.0, "[0, inf)")
+    # projection toward theta_0 after each optimizer step (thawlab/projection.py): null | ftp | spd | tpgm
+    projection: Optional[str] = None
+    ftp_k: float = num(1.0, "[0, 1]")  # FTP: positive hyper-gradients of the radii scaled by k (1: strongest)
+    spd_weight_decay: float = num(1.0, "[0, inf)")  # SPD: lambda, the projection decay's strength
+    tpgm_norm: str = "mars"  # TPGM: the norm of w - w0 the radius bounds: mars (L1 per output row) | l2
+    tpgm_every: int = num(1, "[1, inf)")  # TPGM: radii trained after every this many optimizer steps
+    tpgm_iters: int = num(1, "[1, inf)")  # TPGM: Adam steps on the radii each time (one ID val batch each)
+    tpgm_lr: float = num(1e-2, "(0, inf)")  # TPGM: their Adam's lr
     # in [0, 1): of the training loss only (evaluation NLL stays the plain NLL)
     label_smoothing: float = num(0.0, "[0, 1)")
     # timm Mixup / CutMix of training batches: Beta(alpha, alpha) mixing weights, 0 = off (DeiT: 0.8 and 1.0);

@@ -49,7 +49,7 @@ OPTIMIZERS = {
     "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"],
                                                  betas=tuple(c.get("betas", (0.9, 0.999))), eps=c.get("eps", 1e-8)),
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
-                                             weight_decay=c["weight_decay"]),
+                                             weight_decay=c["weight_decay"], nesterov=c.get("nesterov", False)),
 }
 
 
@@ -178,7 +178,10 @@ class FineTuner(L.LightningModule):
         self._clip_loss = None  # FLYP's loss (open_clip.ClipLoss), made on first use
         self.auto_lr = AutoLR()  # per-tensor lr multipliers of auto phases (Auto-RGN / Auto-SNR, thawlab/auto_lr.py)
         self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
-        if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
+        self.projection = reg.get("projection")  # toward w0 after each step (thawlab/projection.py), or None
+        self.note = note
+        self.tpgm = None  # TPGM's radii and their optimizer (thawlab/tpgm.py), made with the optimizer
+        if self.l2sp_alpha or self.projection:  # w0 of L2-SP and the projections: the body as loaded; moves
             self.w0 = nn.Module()  # buffers by position (a buffer's name cannot hold dots)
             self._w0_index: dict[str, int] = {}
             for name, p in net.backbone.named_parameters():
@@ -197,6 +200,8 @@ class FineTuner(L.LightningModule):
         if self.prefix is not None:
             self.prefix.begin_phase(index)
         optimizer = self.optimizers().optimizer
+        if self.tpgm is not None:
+            self.tpgm.step_in_epoch = 0  # the reference counts its projection frequency by batch index
         if self.current_epoch == start and phase.reset_optimizer:
             optimizer.state.clear()
         auto = self.auto_lr.update(self, phase, self.current_epoch)
@@ -384,11 +389,15 @@ class FineTuner(L.LightningModule):
             for p in ps:
                 n = names[id(p)]
                 parts.setdefault((n in exempt, scales[n], n if per_tensor else ""), []).append(p)
+            # SPD takes Adam's step without weight decay on what it projects: its lambda replaces the decay there
+            spd_body = self.projection == "spd" and g not in ("head", "text")
             for (no_decay, scale, tensor), params in sorted(parts.items()):
                 groups.append({"params": params, "name": g, "layer_decay_scale": scale,
                                **({"tensor": tensor} if tensor else {}),
-                               **({"weight_decay": 0.0} if no_decay else {})})
+                               **({"weight_decay": 0.0} if no_decay or spd_body else {})})
         opt = OPTIMIZERS[c["name"]](groups, c)
+        if self.projection:
+            self._attach_projection(opt)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         shape = {"name": c["schedule"], **{k: c.get(k) for k in SHAPE_KEYS}}
         lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape,
@@ -397,6 +406,36 @@ class FineTuner(L.LightningModule):
         momentum = functools.partial(momentum_at, self.phases, steps_per_epoch=steps_per_epoch, shape=shape)
         sched = PhaseScheduler(opt, lambdas, momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _attach_projection(self, opt) -> None:
+        """The projection toward w0 around the optimizer's step, over the backbone's weights that have a w0 (the
+        head and a CLIP text tower are not projected)."""
+        from thawlab import projection
+
+        names = [f"backbone.{n}" for n in self._w0_index]
+        anchors = projection.anchors_of(self.net, names, lambda n: getattr(self.w0, str(
+            self._w0_index[n.removeprefix("backbone.")])))
+        reg = self.hparams["regularization"]
+        if self.projection == "tpgm":
+            from thawlab.tpgm import TPGM, val_batches
+
+            if self.tpgm is None:
+                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+                self.tpgm = TPGM(self.net, names, reg, val_batches(self.trainer.datamodule, seed), self.device,
+                                 self.channels_last)
+                if getattr(self, "_tpgm_state", None) is not None:  # a resumed run's radii
+                    self.tpgm.load_state_dict(self._tpgm_state)
+            method = self.tpgm.projection(anchors)
+        else:
+            method = projection.make(self.projection, anchors, reg)
+        projection.attach(opt, method)
+        if self.note is not None:
+            sizes = dict(self.net.named_parameters())
+            trained = {n for p in self.phases for n, t in self.net.trains(p).items() if t and n in names}
+            self.note(f"projection {self.projection}: {len(trained)} of the backbone's {len(names)} tensors "
+                      f"({sum(sizes[n].numel() for n in trained):,} parameters) train in some phase and are "
+                      f"projected toward the pretrained weights after each step they train in; the head is not"
+                      + ("" if trained else " (no phase trains the backbone: the projection does nothing)"))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
@@ -417,11 +456,15 @@ class FineTuner(L.LightningModule):
             checkpoint["thawlab_rng_ranks"] = everyone
         if self.theta0 is not None:
             checkpoint["thawlab_theta0"] = self.theta0
+        if self.tpgm is not None:
+            checkpoint["thawlab_tpgm"] = self.tpgm.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self.trace = checkpoint.get("thawlab_trace", [])
         if "thawlab_theta0" in checkpoint:
             self.theta0 = checkpoint["thawlab_theta0"]
+        # TPGM's radii: its object is made with the optimizer, after a checkpoint's weights are loaded
+        self._tpgm_state = checkpoint.get("thawlab_tpgm")
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if "thawlab_rng" in checkpoint and fitting:
             torch.set_rng_state(checkpoint["thawlab_rng"])
