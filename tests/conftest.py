@@ -41,8 +41,9 @@ def pytest_configure(config) -> None:
 # last), so the longest start first and the short ones fill the gaps, instead of one worker running the surgical
 # findings alone for the last three minutes.
 SLOW_FIRST = ("test_findings_surgical.py", "test_findings_lp_ft.py", "test_findings_wise_ft.py", "test_report.py",
-              "test_report_zeroshot.py", "test_ddp.py", "test_clip.py", "test_resume.py", "test_sweep.py", "test_notebook.py",
-              "test_clip_pretrain.py", "test_selection.py", "test_wandb.py")
+              "test_report_zeroshot.py", "test_ddp.py", "test_clip.py", "test_resume.py", "test_sweep.py",
+              "test_notebook.py", "test_clip_pretrain.py", "test_selection.py", "test_wandb.py",
+              "test_selection_rules.py", "test_projection.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
