@@ -150,8 +150,8 @@ def check_run(cfg, net, dm) -> None:
     head = net.head
     if not callable(getattr(head, "fc_input", None)):
         raise ThawlabError(f"schedule.solver=lbfgs fits a linear head on the backbone's features: "
-                           f"{type(head).__name__} (head={cfg.head._target_.rsplit('.', 1)[-1]}) is not one; use "
-                           f"head=linear (or head=zeroshot, probed from scratch)")
+                           f"the head {type(head).__name__} is not one; use head=linear (or head=zeroshot, "
+                           f"probed from scratch)")
     if not dm.train_transform_deterministic:
         raise ThawlabError(f"schedule.solver=lbfgs fits cached features, and data.augment="
                            f"{cfg.data.get('augment')} changes the training inputs every epoch: use data.augment=none")
