@@ -3,7 +3,6 @@ LogisticRegression itself, and the shared feature store it reads (thawlab/featur
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest

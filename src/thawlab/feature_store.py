@@ -7,7 +7,7 @@ per (backbone weights, data, preprocessing, device kind) and kept on disk beside
 so the ten jobs of a probe sweep over seeds run the backbone once. The key is content: a digest of the
 backbone's tensors (parameters and buffers: BatchNorm statistics change features too), the data config without
 its loader settings (batch sizes, workers), the preprocessing and the device kind (cuDNN's TF32 convolutions give
-other float32 features than a CPU). An entry is made under its file lock (source_cache's), so concurrent jobs
+other float32 features than a CPU). An entry is made under its file lock (thawlab.filelock, as the pretraining cache's), so concurrent jobs
 compute it once; the first sees `done` missing, the others wait and read. Features are computed in float32, no
 autocast, the backbone in eval mode.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thawlab.source_cache import _locked
+from thawlab.filelock import locked as _locked
 
 FORMAT = 1  # bump when what an entry holds changes
 LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers")

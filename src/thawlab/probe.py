@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from thawlab.errors import ThawlabError
 
 # torch is imported inside the functions: schedules imports this module for its config checks, which answer
 # before torch loads
+if TYPE_CHECKING:
+    import torch
 
 SOLVERS = ("adamw", "lbfgs")
 # LP-FT's grid: np.logspace(-7, 2, num_reg_values=50) (scripts/run_adaptation_experiments.py: linprobe_run)
@@ -157,17 +160,16 @@ def check_run(cfg, net, dm) -> None:
                            f"{cfg.data.get('augment')} changes the training inputs every epoch: use data.augment=none")
 
 
-def solve_probe(cfg, net, dm, cache, device, note=print) -> dict:
+def solve_probe(cfg, net, dm, cache, device, bound_gb: float, note=print) -> dict:
     """The probe phase solved: features of the training, validation and test sets from the shared store
     (thawlab.feature_store), the grid fit on the head's input (head.fc_input: LinearHead's features as they are,
     the zero-shot head's normalised ones), the chosen C's weights put in head.fc. `cache` (the module's
     FeatureCache, or None) is filled with the features, so the probe's epoch and, while the backbone stays
-    frozen, the final test run no backbone. Returns results.json `probe`."""
+    frozen, the final test run no backbone. bound_gb: cache_features.shared_gb. Returns results.json `probe`."""
     import torch
     from omegaconf import OmegaConf
 
     from thawlab import feature_store
-    from thawlab.build import cache_options
 
     if not dm.sets["test"]:
         dm.setup("test")
@@ -179,7 +181,7 @@ def solve_probe(cfg, net, dm, cache, device, note=print) -> dict:
         feats, info = feature_store.features(
             cfg.cache_dir, net.backbone, sets, data=data, preprocess=repr(dm.preprocess), device=device,
             batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-            bound_gb=cache_options(cfg)["shared_gb"], note=note)
+            bound_gb=bound_gb, note=note)
     finally:
         net.to("cpu")
     head, s = net.head, cfg.schedule

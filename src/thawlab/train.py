@@ -226,11 +226,11 @@ def solve_probe(cfg: DictConfig, net, dm, module, say) -> dict:
     the shared store; every rank solves alike (the store computes them once). results.json `probe`."""
     import torch
 
-    from thawlab.build import on_gpu
+    from thawlab.build import cache_options, on_gpu
     from thawlab.probe import solve_probe as solve
 
     device = torch.device("cuda" if on_gpu(cfg.trainer) and torch.cuda.is_available() else "cpu")
-    return solve(cfg, net, dm, module.cache, device, note=say)
+    return solve(cfg, net, dm, module.cache, device, cache_options(cfg)["shared_gb"], note=say)
 
 
 def evaluate_zeroshot(cfg: DictConfig, net, dm) -> dict:
