@@ -7,9 +7,9 @@ per (backbone weights, data, preprocessing, device kind) and kept on disk beside
 so the ten jobs of a probe sweep over seeds run the backbone once. The key is content: a digest of the
 backbone's tensors (parameters and buffers: BatchNorm statistics change features too), the data config without
 its loader settings (batch sizes, workers), the preprocessing and the device kind (cuDNN's TF32 convolutions give
-other float32 features than a CPU). An entry is made under its file lock (thawlab.filelock, as the pretraining cache's), so concurrent jobs
-compute it once; the first sees `done` missing, the others wait and read. Features are computed in float32, no
-autocast, the backbone in eval mode.
+other float32 features than a CPU). An entry is made under its file lock (thawlab.filelock, as the pretraining
+cache's), so concurrent jobs compute it once; the first sees `done` missing, the others wait and read.
+Features are computed in float32, no autocast, the backbone in eval mode.
 
 Bounded: after an entry is written, the least recently used entries go until the store holds at most
 `cache_features.shared_gb` (an entry larger than the bound is used by its run and not kept). Cleared by

@@ -200,5 +200,6 @@ def solve_probe(cfg, net, dm, cache, device, bound_gb: float, note=print) -> dic
         for key, k in tables.items():
             cache.put(key, torch.from_numpy(feats[k][0]))
         cache.test_digest = info["digest"]  # test sets from the cache only while the backbone is these weights
+    dim = int(feats[("train", "all")][0].shape[1])
     return {**out["record"], "features": {"key": info["key"], "cached": info["cached"],
-                                          "seconds": round(info["seconds"], 3), "dim": int(feats[("train", "all")][0].shape[1])}}
+                                          "seconds": round(info["seconds"], 3), "dim": dim}}

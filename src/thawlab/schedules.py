@@ -235,7 +235,8 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
                            f"{did_you_mean(str(select), SELECT_RULES)}")
     solver = schedule_cfg.get("solver", "adamw")
     if solver not in SOLVERS:
-        raise ThawlabError(f"schedule.solver={solver!r} is not one of {', '.join(SOLVERS)}{did_you_mean(str(solver), SOLVERS)}")
+        raise ThawlabError(f"schedule.solver={solver!r} is not one of {', '.join(SOLVERS)}"
+                           f"{did_you_mean(str(solver), SOLVERS)}")
     if solver == "lbfgs":
         parse_grid(schedule_cfg.get("probe_grid", DEFAULT_GRID))
     names = schedule_cfg.get("select_phases")

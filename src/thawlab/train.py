@@ -229,7 +229,9 @@ def solve_probe(cfg: DictConfig, net, dm, module, say) -> dict:
     from thawlab.build import cache_options, on_gpu
     from thawlab.probe import solve_probe as solve
 
-    device = torch.device("cuda" if on_gpu(cfg.trainer) and torch.cuda.is_available() else "cpu")
+    gpu = on_gpu(cfg.trainer) and torch.cuda.is_available()
+    # a DDP rank on its own GPU (LOCAL_RANK, set for every rank), as Lightning will place it
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
     return solve(cfg, net, dm, module.cache, device, cache_options(cfg)["shared_gb"], note=say)
 
 
