@@ -147,6 +147,15 @@ def test_lp_ft_lbfgs_run(run):
     assert r["selection"]["phase"] == "ft" and r["probe"]["chosen"]["C"] in (0.01, 1.0)
 
 
+def test_zeroshot_head_probed_from_scratch(run):
+    """head=zeroshot (CLIP): the probe fits the head's fc on its input, the normalised features; the module's
+    validation of the solved head (through the head's own forward) gives the accuracy the probe chose it by."""
+    r = run("backbone.name=open_clip:thawlab-mini-clip", "head=zeroshot", "schedule=frozen", "schedule.solver=lbfgs",
+            "schedule.probe_grid=[0.1,10.0]", "diagnostics=none")
+    assert r["selection"]["value"] == pytest.approx(r["probe"]["chosen"]["val_acc"], abs=1e-6)
+    assert "test/zeroshot/id/acc" in r["metrics"]
+
+
 class Counting(nn.Module):
     def __init__(self, seed: int, d: int = 8):
         super().__init__()

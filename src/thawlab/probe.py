@@ -143,7 +143,8 @@ def sweep(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, 
         unconverged = sum(not r["converged"] for r in rows)
         note(f"L-BFGS probe: {len(grid)} C values over {len(X)} samples x {X.shape[1]} features in {seconds:.2f} s; "
              f"chosen C={C:.3g} (ID val acc {100 * acc:.1f}%)"
-             + (f"; {unconverged} of them stopped at max_iter={max_iter}, as in LP-FT" if unconverged else ""))
+             + (f"; {unconverged} of them stopped at schedule.probe_max_iter={max_iter} before tol" if unconverged
+                else ""))
     return {"weight": W, "bias": b, "record": record}
 
 
