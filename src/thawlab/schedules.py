@@ -239,6 +239,14 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
                            f"{did_you_mean(str(solver), SOLVERS)}")
     if solver == "lbfgs":
         parse_grid(schedule_cfg.get("probe_grid", DEFAULT_GRID))
+        # a schedule without a probe phase, refused before anything slow: its phases on stand-in groups (a
+        # strategy's own errors, which may depend on the real groups or head, are left to build_phases)
+        try:
+            trial = STRATEGIES[name](["g0", "g1", "g2", "g3", "head"], epochs, schedule_cfg)
+        except (ThawlabError, TypeError, KeyError, AttributeError):
+            trial = None
+        if trial:
+            solved_probe(trial, name)
     names = schedule_cfg.get("select_phases")
     if names is not None and (isinstance(names, str) or len(names) == 0):
         raise ThawlabError(f"schedule.select_phases={names!r} must be a non-empty list of phase names "
@@ -299,8 +307,8 @@ def solved_probe(phases: list[Phase], name: str) -> list[Phase]:
     first = phases[0]
     if first.trainable != ("head",) or first.params is not None:
         raise ThawlabError(f"schedule.solver=lbfgs solves a linear probe, and schedule={name} has no probe phase (its "
-                           f"first phase, {first.name}, trains {', '.join(first.trainable)}): use schedule=frozen, "
-                           f"lp_ft or wise_ft with lp_epochs >= 1")
+                           f"first phase, {first.name}, does not train the head alone): use schedule=frozen, lp_ft "
+                           f"or wise_ft with lp_epochs >= 1")
     return [replace(first, epochs=1, lr_mult={"head": 0.0}, solver="lbfgs"), *phases[1:]]
 
 
