@@ -331,6 +331,10 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     head_trained = bool(getattr(net.head, "starts_trained", False) or cfg.head.get("pretrained"))
     phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs,
                                               cfg.optimizer.layer_decay, head_trained=head_trained)
+    if any(p.solver == "lbfgs" for p in phases):
+        from thawlab.probe import check_run
+
+        check_run(cfg, net, dm)
     if any(p.loss == "contrastive" for p in phases):
         if not callable(getattr(net.head, "refresh", None)):
             raise ThawlabError(f"schedule={cfg.schedule.name} trains with CLIP's contrastive loss and is evaluated "

@@ -275,6 +275,15 @@ class ScheduleConfig:
     # select_phases (null: every phase, the whole run); lp_ft and wise_ft set their papers' rules
     select: str = "best"
     select_phases: Optional[list[str]] = None
+    # how the probe phase (a first phase that trains the head alone: frozen, lp_ft, wise_ft, gradual, fine_tune)
+    # fits the head: adamw = gradient steps with optimizer.* like any phase; lbfgs = full-batch multinomial
+    # logistic regression on cached features in float64 over probe_grid, chosen on ID val (thawlab/probe.py)
+    solver: str = "adamw"
+    # lbfgs: the C values (sklearn's inverse L2 strength), a list or "logspace(a, b, n)"; LP-FT's grid by default
+    probe_grid: Any = "logspace(-7, 2, 50)"
+    probe_max_iter: int = num(200, "[1, inf)")  # L-BFGS iterations per C (LP-FT: 200; sklearn's default: 100)
+    probe_tol: float = num(1e-4, "(0, inf)")  # sklearn's tol: scipy's gtol, the largest gradient entry
+    probe_normalize: bool = True  # standardise features by one scalar mean and std of the training set (LP-FT)
 
 
 @dataclass
@@ -620,6 +629,9 @@ class CacheConfig:
     prefix: bool = True  # the frozen-prefix cache (false: only the fully frozen backbone's features are cached)
     max_gb: float = num(2.0, "[0, inf)")  # the prefix's activations held in RAM up to this size (GB)
     disk_gb: float = num(20.0, "[0, inf)")  # beyond max_gb: a memory-mapped file in the run directory, up to this
+    # the store of features shared across runs (schedule.solver=lbfgs: <cache_dir>/features), least recently used
+    # entries evicted beyond this size (GB); `thawlab-cache clear` empties it
+    shared_gb: float = num(10.0, "[0, inf)")
 
 
 @dataclass

@@ -113,9 +113,20 @@ class FeatureCache:
 
     def __init__(self):
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the digest of the backbone weights whose features fill the test tables (put() by the L-BFGS probe from
+        # the shared store, thawlab/probe.py); the test uses them only while the backbone still has these weights
+        self.test_digest: str | None = None
 
     def clear(self) -> None:
         self.tables.clear()
+        self.test_digest = None
+
+    def put(self, key: str, feats: torch.Tensor) -> None:
+        """A whole table at once: the features of every sample of a set, in index order."""
+        self.tables[key] = (feats, torch.ones(len(feats), dtype=torch.bool))
+
+    def has_test(self, index: int) -> bool:
+        return self.test_digest is not None and f"test/{index}" in self.tables
 
     def __call__(self, key: str, size: int, x: torch.Tensor, idx: torch.Tensor, compute) -> torch.Tensor:
         """Features of the samples `idx` (inputs x), computing only those not seen before."""
@@ -127,6 +138,9 @@ class FeatureCache:
             feats[idx], seen[idx] = out, True
             return out
         feats, seen = self.tables[key]
+        if feats.device != x.device:  # filled before Lightning moved the module (the probe's tables): follow it
+            feats, seen = feats.to(x.device), seen.to(x.device)
+            self.tables[key] = (feats, seen)
         new = ~seen[idx]
         if new.any():
             feats[idx[new]], seen[idx[new]] = compute(x[new]), True
@@ -281,6 +295,9 @@ class FineTuner(L.LightningModule):
         x, _, idx = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if stage == "test" and self.cache is not None and self.net.backbone_frozen and self.cache.has_test(
+                dataloader_idx):  # a frozen backbone's test features from the L-BFGS probe's store
+            return self.net.head(self.cache(f"test/{dataloader_idx}", 0, x, idx, self.net.features))
         if self.cache is None or stage == "test":
             return self.net(x)
         dm = self.trainer.datamodule
@@ -480,6 +497,14 @@ class FineTuner(L.LightningModule):
             self.stopped = checkpoint["thawlab_plan"]["stopped"]
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def on_test_start(self):
+        if self.cache is not None and self.cache.test_digest is not None:
+            from thawlab.feature_store import weights_digest
+
+            if weights_digest(self.net.backbone) != self.cache.test_digest:  # e.g. a checkpoint of a later phase
+                self.cache.tables = {k: v for k, v in self.cache.tables.items() if not k.startswith("test/")}
+                self.cache.test_digest = None
+
     def _eval_step(self, stage, batch, dataloader_idx):
         logits = restrict(self._logits(stage, batch, dataloader_idx), self.class_subsets.get(
             self.eval_sets[stage][dataloader_idx]))

@@ -188,12 +188,15 @@ def run(cfg: DictConfig, job: dict) -> dict:
         if rank == 0:
             print_partition(net, module.phases)
         zeroshot = evaluate_zeroshot(cfg, net, dm) if rank == 0 else {}
+        probe = solve_probe(cfg, net, dm, module, say) if module.phases[0].solver == "lbfgs" else None
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
+        # the epochs the phases run: trainer.max_epochs, less a solved probe's (it runs one)
         trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping,
                                 select=cfg.schedule.get("select", "best"), rules=_rules(cfg),
-                                callbacks=[monitor] if monitor else [])
+                                callbacks=[monitor] if monitor else [],
+                                max_epochs=sum(p.epochs for p in module.phases))
         io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
         io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -211,7 +214,8 @@ def run(cfg: DictConfig, job: dict) -> dict:
             failed = False
             return metrics
         record.finish(metrics=metrics, counts=module.counts, selection=selection, selections=selections,
-                      trace=trace, wise=wise, distributed=module.rank_report, **stopping, **drift)
+                      trace=trace, wise=wise, distributed=module.rank_report, **stopping, **drift,
+                      **({"probe": probe} if probe else {}))
         log_final_metrics(logger, metrics)
         others = tuple(f"test/{name}/" for name, s in selections.items() if not s["primary"])
         print_metrics({k: v for k, v in metrics.items() if not k.startswith(others)},
@@ -234,6 +238,20 @@ def run(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def solve_probe(cfg: DictConfig, net, dm, module, say) -> dict:
+    """schedule.solver=lbfgs: the probe phase's head fit by L-BFGS before fit (thawlab/probe.py), on features from
+    the shared store; every rank solves alike (the store computes them once). results.json `probe`."""
+    import torch
+
+    from thawlab.build import cache_options, on_gpu
+    from thawlab.probe import solve_probe as solve
+
+    gpu = on_gpu(cfg.trainer) and torch.cuda.is_available()
+    # a DDP rank on its own GPU (LOCAL_RANK, set for every rank), as Lightning will place it
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    return solve(cfg, net, dm, module.cache, device, cache_options(cfg)["shared_gb"], note=say)
 
 
 def evaluate_zeroshot(cfg: DictConfig, net, dm) -> dict:
