@@ -43,7 +43,7 @@ def pytest_configure(config) -> None:
 SLOW_FIRST = ("test_findings_surgical.py", "test_findings_lp_ft.py", "test_findings_wise_ft.py", "test_report.py",
               "test_report_zeroshot.py", "test_ddp.py", "test_clip.py", "test_resume.py", "test_sweep.py",
               "test_notebook.py", "test_clip_pretrain.py", "test_selection.py", "test_wandb.py",
-              "test_selection_rules.py", "test_projection.py")
+              "test_selection_rules.py", "test_projection.py", "test_probe.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
