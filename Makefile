@@ -24,10 +24,11 @@ demo: $(STAMP)
 
 # TEST_WORKERS pytest-xdist processes (TEST_WORKERS=0: one process), each with its share of the cores
 # (tests/conftest.py). --dist loadfile keeps a file's tests in one worker, so a module's shared fixtures
-# (the findings' 10-seed runs, the report's sweep) are computed once.
+# (the findings' 10-seed runs, the report's sweep) are computed once; --no-loadscope-reorder keeps
+# tests/conftest.py's order (the slowest files first) instead of xdist's by test count.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12 $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache dist build

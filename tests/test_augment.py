@@ -223,3 +223,58 @@ def test_cli_unknown_preset_is_one_line_before_pretraining(tmp_path):
             cache=str(cache), env=ENV, timeout=120)
     _one_line_error(r, "data.augment='foo' is not one of none, crop_flip, resized_crop, randaug, augmix")
     assert not (cache / "pretrain").exists(), "the error comes before the source pretraining"
+
+
+def test_clip_crop_is_the_training_transform_of_wise_ft_and_flyp():
+    """wise-ft's and FLYP's clip/clip.py `_transform(n_px, is_train=True)`, written out as there (neither repo is
+    installable): the same crops for the same torch seed, to the pixel."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    reference = T.Compose([T.RandomResizedCrop(64, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+    ours = aug.train_transform(Preprocess(img_size=64, mean=mean, std=std), "clip_crop")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = ours(img)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, reference(img), atol=0, rtol=0)
+    assert "Flip" not in repr(ours)
+
+
+def test_evaluation_resamples_as_the_model_expects_equal_to_timm_and_open_clip():
+    """The resize of real images uses the weights' own interpolation (timm's and OpenCLIP's configs: bicubic for
+    ViTs and CLIP), as timm's create_transform and OpenCLIP's image_transform do: equal to theirs to the pixel;
+    data.interpolation overrides it; the embedded benchmark's test_resnet keeps its bilinear."""
+    import open_clip
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    from thawlab.build import build_net
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    dc = resolve_model_data_config(timm.create_model("test_vit", pretrained=False))
+    assert dc["interpolation"] == "bicubic"
+    _, pre = build_net(compose_cfg(["backbone.name=test_vit", "backbone.pretrained=false", "data.img_size=160"]),
+                       10, False)
+    assert pre.interpolation == "bicubic"
+    timm_eval = create_transform(**{**dc, "input_size": (3, 160, 160), "crop_pct": 0.875}, is_training=False)
+    torch.testing.assert_close(aug.eval_transform(pre, 0.875)(img), timm_eval(img), atol=0, rtol=0)
+    # OpenCLIP's evaluation transform (resize the shorter side, centre crop): crop_pct 1
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    clip_eval = open_clip.image_transform(64, is_train=False, mean=mean, std=std, interpolation="bicubic")
+    ours = aug.eval_transform(Preprocess(img_size=64, mean=mean, std=std, interpolation="bicubic"), 1.0)
+    torch.testing.assert_close(ours(img), clip_eval(img), atol=0, rtol=0)
+    # an override wins; test_resnet's own is bilinear; a bad name is one line
+    _, pre = build_net(compose_cfg(["backbone.name=test_vit", "backbone.pretrained=false", "data.img_size=160",
+                                    "data=imagefolder", "data.interpolation=bilinear"]), 10, False)
+    assert pre.interpolation == "bilinear"
+    _, pre = build_net(compose_cfg(["backbone.pretrained=false"]), 10, False)
+    assert pre.interpolation == "bilinear"
+    with pytest.raises(ThawlabError, match=r"data\.interpolation='cubic': choose from bilinear, bicubic"):
+        aug.eval_transform(Preprocess(interpolation="cubic"))
+    with pytest.raises(ThawlabError, match=r"data\.interpolation='bicubc' is not one of .*did you mean bicubic"):
+        check_config(compose_cfg(["data=imagefolder", "data.interpolation=bicubc"]))

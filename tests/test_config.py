@@ -262,3 +262,12 @@ def test_a_fixed_input_size_that_differs_from_the_data_is_caught_with_its_fix(na
     with pytest.raises(ThawlabError) as e:
         check_input_size(name, kwargs, size)
     assert needle in str(e.value) and f"data.img_size={size}" in str(e.value), str(e.value)
+
+
+def test_a_key_of_swept_options_only_says_to_run_one_sweep_per_option(tmp_path):
+    """Hydra composes a multirun once with the group's default option before sweeping it, so a key that only
+    the swept options have (schedule.train_head of auto_rgn and auto_snr) fails there: one line that says so."""
+    r = cli("-m", "schedule=auto_rgn,auto_snr", "schedule.train_head=false", "logger=none",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, cache=str(tmp_path / "cache"))
+    _one_line_error(r, "schedule.train_head", "a sweep over schedule=auto_rgn,auto_snr", "run one sweep per option",
+                    "schedule=auto_rgn schedule.train_head=...")

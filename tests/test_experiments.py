@@ -70,9 +70,11 @@ def test_readme_gives_the_command_of_each_config(path):
 
 
 def test_the_clip_recipes_are_the_papers():
-    """WiSE-FT's (mlfoundations/wise-ft) and FLYP's ImageNet runs: zero-shot CLIP ViT-B/16 openai, AdamW with weight
-    decay 0.1 on every parameter, batch 512, 10 epochs, cosine after 500 steps of warm-up; WiSE-FT at lr 3e-5 with
-    clipping 1.0 and no probe (theta_0 the zero-shot model), FLYP at 1e-5 training the text tower too."""
+    """WiSE-FT's (mlfoundations/wise-ft) and FLYP's (locuslab/FLYP) ImageNet runs as their code has them:
+    zero-shot CLIP ViT-B/16 openai, AdamW (torch's betas and eps) with weight decay 0.1 on every parameter, batch
+    512, 10 epochs, cosine after exactly 500 steps of warm-up, clip.load's train crop (90-100%, bicubic, no flip);
+    WiSE-FT at lr 3e-5 with clipping 1.0 and no probe (theta_0 the zero-shot model), FLYP at 1e-5 training the
+    text tower too, without clipping."""
     steps_per_epoch = (1_281_167 - 10_000) // 512
     for name, lr in (("wise_ft/experiment/wise_ft_clip_imagenet.yaml", 3e-5), ("flyp/experiment/flyp_imagenet.yaml", 1e-5)):
         cfg = compose_experiment(EXPERIMENTS / name)
@@ -80,12 +82,31 @@ def test_the_clip_recipes_are_the_papers():
             "open_clip:ViT-B-16", "openai", "thawlab.zeroshot.ZeroShotHead")
         o = cfg.optimizer
         assert (o.name, o.lr, o.weight_decay, o.no_decay_exemptions, o.schedule) == ("adamw", lr, 0.1, False, "cosine")
-        assert round(o.warmup_epochs * steps_per_epoch, -2) == 500
-        assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.augment) == (512, 10, "none")
+        assert (list(o.betas), o.eps) == ([0.9, 0.999], 1e-8)
+        assert int(o.warmup_epochs * steps_per_epoch) == 500  # as schedules.shape_at counts warm-up steps
+        assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.augment, cfg.data.crop_pct) == (
+            512, 10, "clip_crop", 1.0)
+        assert cfg.trainer.gradient_clip_val == (1.0 if cfg.schedule.name == "wise_ft" else None)
         phases = schedules.build_phases(cfg.schedule, ["stem", "blocks.0", "head", "text"], 10, head_trained=True)
         trains = [g for p in phases for g in p.trainable]
         assert len(phases) == 1 and ("text" in trains) == (cfg.schedule.name == "flyp")
-    assert compose_experiment(EXPERIMENTS / "wise_ft/experiment/wise_ft_clip_imagenet.yaml").trainer.gradient_clip_val == 1.0
+
+
+def test_the_lp_ft_clip_recipe_is_the_authors():
+    """AnanyaKumar/transfer_learning's ImageNet CLIP ViT-B/16 LP-FT: a new linear probe, 5 epochs at lr 0.1, then
+    10 epochs of fine-tuning at 3e-5 (of its 1e-5 / 3e-5 / 1e-4 sweep), SGD momentum 0.9, no weight decay, batch
+    128, cosine without warm-up, no augmentation, the best ft epoch on ID validation."""
+    cfg = compose_experiment(EXPERIMENTS / "lp_ft/experiment/lp_ft_clip_imagenet.yaml")
+    assert (cfg.backbone.name, cfg.backbone.pretrained, cfg.head._target_) == (
+        "open_clip:ViT-B-16", "openai", "thawlab.heads.LinearHead")
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.schedule, o.warmup_epochs) == ("sgd", 3e-5, 0.9, 0.0,
+                                                                                        "cosine", 0.0)
+    assert (cfg.data.batch_size, cfg.data.augment, cfg.data.crop_pct, cfg.trainer.max_epochs) == (128, "none", 1.0, 15)
+    lp, ft = schedules.build_phases(cfg.schedule, ["stem", "blocks.0", "head"], cfg.trainer.max_epochs)
+    assert (lp.name, lp.epochs, lp.trainable, ft.name, ft.epochs) == ("lp", 5, ("head",), "ft", 10)
+    assert o.lr * lp.lr_mult["head"] == pytest.approx(0.1, rel=1e-5) and ft.lr_mult["head"] == 1.0
+    assert (cfg.schedule.select, list(cfg.schedule.select_phases)) == ("best", ["ft"])
 
 
 def test_l2sp_recipe_drops_the_lr_at_iteration_5000_of_9000():

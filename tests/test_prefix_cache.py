@@ -210,11 +210,11 @@ def test_reft_cached_equals_uncached(run, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], {"enabled": True, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0}),
-    (["cache_features=false"], {"enabled": False, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0}),
+    ([], {"enabled": True, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0, "shared_gb": 10.0}),
+    (["cache_features=false"], {"enabled": False, "prefix": True, "max_gb": 2.0, "disk_gb": 20.0, "shared_gb": 10.0}),
     (["cache_features.prefix=false", "cache_features.max_gb=0.5"],
-     {"enabled": True, "prefix": False, "max_gb": 0.5, "disk_gb": 20.0}),
-    (["trainer.compile=true"], {"enabled": True, "prefix": False, "max_gb": 2.0, "disk_gb": 20.0}),
+     {"enabled": True, "prefix": False, "max_gb": 0.5, "disk_gb": 20.0, "shared_gb": 10.0}),
+    (["trainer.compile=true"], {"enabled": True, "prefix": False, "max_gb": 2.0, "disk_gb": 20.0, "shared_gb": 10.0}),
 ])
 def test_cache_options_from_the_block_or_a_bool(overrides, expected):
     assert cache_options(compose_cfg(overrides)) == expected

@@ -254,6 +254,13 @@ def test_paired_differences_and_win_counts(copy, capsys):
     ece = report.paired(runs, "wise_ft", "frozen", "test/id/ece")  # lower is better
     d = [res[("wise_ft", k)]["metrics"]["test/id/ece"] - res[("frozen", k)]["metrics"]["test/id/ece"] for k in (0, 1)]
     assert ece.wins == sum(x < 0 for x in d)
+    # a diagnostic with no better direction (LP-FT's distortion ratio) counts the seeds in which A is lower and
+    # says so: give the probe (whose body does not move: no ratio) ratios on both sides of WiSE-FT's
+    for seed, shift in ((0, +0.1), (1, -0.1)):
+        diag = res[("frozen", seed)]["diagnostics"]
+        diag["final"]["distortion"]["ood/mean"] = res[("wise_ft", seed)]["diagnostics"]["final"]["distortion"][
+            "ood/mean"] + shift
+        edit(copy, "frozen", seed, diagnostics=diag)
     # the CLI writes and prints the same
     rc = main([str(copy), "--no-figures", "--compare", "schedule=wise_ft", "frozen"])
     assert rc == 0
@@ -263,6 +270,8 @@ def test_paired_differences_and_win_counts(copy, capsys):
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     assert cells[1:3] == [f"{diffs[0]:+.1f}", f"{diffs[1]:+.1f}"] and cells[3] == f"{mean:+.1f} ± {sd:.1f}"
     assert cells[-1] == f"{p.wins} of 2" + (f" ({p.ties} tied)" if p.ties else "")
+    line = next(ln for ln in text.splitlines() if ln.startswith("| distortion OOD/ID |"))
+    assert line.strip("|").split("|")[-1].strip() == "lower in 1 of 2"
     assert "Not paired: seed 2 (schedule=frozen failed)." in text and text.splitlines()[0] in capsys.readouterr().out
 
 

@@ -118,13 +118,22 @@ def test_select_phases_must_name_phases_of_the_schedule():
 
 
 def test_ddp_lp_ft_selects_within_fine_tuning(tmp_path, cache_dir):
-    """Both ranks make the same decision each epoch (it depends on the plan alone): one selected checkpoint, in ft."""
+    """Both ranks make the same decision each epoch (it depends on the plan alone): one selected checkpoint per
+    rule (selection.rules adds DomainBed's oracle and the last epoch), in ft, each tested on every set."""
     run_dir = tmp_path / "run"
     r = cli("debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "logger=none", "schedule=lp_ft", *PROBE_BEST, f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
+            "logger=none", "schedule=lp_ft", *PROBE_BEST, "selection.rules=[oracle,last]", f"hydra.run.dir={run_dir}",
+            cwd=tmp_path, cache=cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     res = read_results(run_dir)
     assert res["distributed"]["world_size"] == 2
     assert res["selection"]["phase"] == "ft" and res["selection"]["epoch"] in (2, 3)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        f"best-epoch{res['selection']['epoch']}.ckpt", "last.ckpt"]
+    sel = res["selections"]
+    assert [(k, v["phase"]) for k, v in sel.items()] == [("id_val", "ft"), ("oracle", "ft"), ("last", "ft")]
+    assert sel["last"]["epoch"] == 3 and sel["oracle"]["epoch"] in (2, 3)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted([
+        f"best-epoch{res['selection']['epoch']}.ckpt", f"oracle-epoch{sel['oracle']['epoch']}.ckpt",
+        "final-epoch3.ckpt", "last.ckpt"])
+    for name in ("oracle", "last"):  # every sample of every set counted once across the ranks
+        assert set(sel[name]["metrics"]) == set(sel["id_val"]["metrics"])
+        assert res["metrics"][f"test/{name}/id/acc"] == sel[name]["metrics"]["test/id/acc"]

@@ -19,13 +19,13 @@ from rich.table import Table
 
 from thawlab import backbone as bb
 from thawlab import clip as openclip
-from thawlab import diagnostics, reft, schedules, stopping
+from thawlab import diagnostics, projection, reft, schedules, stopping
 from thawlab.data.preprocess import Preprocess
 from thawlab.model import ThawNet
 from thawlab.errors import ThawlabError, did_you_mean
 from thawlab.heads import LinearHead
 from thawlab.module import OPTIMIZERS, FineTuner
-from thawlab.selection import SELECT, SelectCheckpoint
+from thawlab.selection import SELECT, SelectCheckpoint, check_rules, extra_rules
 
 WIDE = 240  # columns of output that is not a terminal (a pipe, a SLURM log): rich's default 80 cuts tables
 
@@ -148,15 +148,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ThawlabError(f"trainer.gradient_clip_algorithm={cfg.trainer.gradient_clip_algorithm!r} is not one "
                            f"of norm, value")
     stopping.check(cfg.get("early_stopping"))
+    check_rules((cfg.get("selection") or {}).get("rules"))
     diagnostics.check(cfg.get("diagnostics"), cfg.trainer.max_epochs)
     o = cfg.optimizer
     if not 0 < o.cut_frac < 1 or o.ratio < 1:
         raise ThawlabError(f"optimizer.cut_frac={o.cut_frac} must be in (0, 1) and optimizer.ratio={o.ratio} >= 1")
+    if o.get("nesterov") and o.name == "sgd" and o.momentum == 0:
+        raise ThawlabError("optimizer.nesterov=true with optimizer.momentum=0: Nesterov momentum needs a momentum")
     if o.get("moms") is not None and len(o.moms) != 3:
         raise ThawlabError(f"optimizer.moms={list(o.moms)} must be 3 values (start, middle, end) or null")
     if cfg.schedule.get("train_head") is False and not cfg.head.get("pretrained"):
         raise ThawlabError("schedule.train_head=false leaves a new, random head untrained: set head.pretrained=true")
+    from thawlab.data.augment import INTERPOLATIONS
+
     for key, value, choices in (("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+                                ("data.interpolation", cfg.data.get("interpolation"), INTERPOLATIONS),
                                 ("schedule.adapter", cfg.schedule.get("adapter"), ADAPTERS),
                                 ("optimizer.schedule", cfg.optimizer.schedule, schedules.LR_SHAPES)):
         if value is not None and value not in choices:
@@ -170,6 +176,7 @@ def check_config(cfg: DictConfig) -> None:
                            f"L2-SP's alpha/2 ||w - w0||^2 has nothing to act on (set l2sp_alpha=0; l2sp_beta still "
                            f"applies to the head)")
     check_regularization(cfg)
+    projection.check(cfg)
     cache_options(cfg)
 
 
@@ -249,8 +256,11 @@ def build_net(cfg: DictConfig, num_classes: int, pretrained, adapters: bool = Tr
     if adapters and adapter:
         ADAPTERS[adapter].add(model, cfg)
     dc = bb.data_config(model)
+    # the resize's resampling: data.interpolation, else the weights' own (timm: bicubic for most, OpenCLIP's
+    # preprocess config), as timm's create_transform and OpenCLIP's image_transform use it
     preprocess = Preprocess(img_size=cfg.data.img_size, in_chans=int(dc["input_size"][0]),
-                            mean=tuple(dc["mean"]), std=tuple(dc["std"]))
+                            mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                            interpolation=cfg.data.get("interpolation") or dc.get("interpolation") or "bilinear")
     # the width of what forward() returns with num_classes=0: head_hidden_size where a model has a pre-logits
     # layer wider than num_features (MobileNetV3's conv_head, MambaOut), else num_features
     width = getattr(model, "head_hidden_size", None) or model.num_features
@@ -293,7 +303,8 @@ def _load_pretrained_classifier(head, model, pretrained, num_classes: int) -> No
 
 
 # keys of a data config that describe the data rather than construct its data module
-NOT_DATA_MODULE_KEYS = ("source", "pretrain", "img_size", "classnames", "templates", "clip_pretrain")
+NOT_DATA_MODULE_KEYS = ("source", "pretrain", "img_size", "classnames", "templates", "clip_pretrain",
+                        "interpolation")  # the model's preprocessing (build_net), not the data module's
 
 
 def build_datamodule(data_cfg: DictConfig, preprocess: Preprocess, task: str = "target",
@@ -320,6 +331,10 @@ def build_module(cfg: DictConfig, net: ThawNet, dm, phases=None) -> FineTuner:
     head_trained = bool(getattr(net.head, "starts_trained", False) or cfg.head.get("pretrained"))
     phases = phases or schedules.build_phases(cfg.schedule, list(net.groups), cfg.trainer.max_epochs,
                                               cfg.optimizer.layer_decay, head_trained=head_trained)
+    if any(p.solver == "lbfgs" for p in phases):
+        from thawlab.probe import check_run
+
+        check_run(cfg, net, dm)
     if any(p.loss == "contrastive" for p in phases):
         if not callable(getattr(net.head, "refresh", None)):
             raise ThawlabError(f"schedule={cfg.schedule.name} trains with CLIP's contrastive loss and is evaluated "
@@ -411,10 +426,11 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: DictConfig | None = None,
                   early_stopping: DictConfig | None = None, select: str = "best", callbacks=(),
-                  **overrides) -> L.Trainer:
+                  rules=(), **overrides) -> L.Trainer:
     """The Lightning Trainer. Data are split between DDP ranks by thawlab's own samplers (exact evaluation
     counts), so use_distributed_sampler is off; DDP processes are never started by Lightning (thawlab.ranks).
     select: schedule.select, the rule of the selected checkpoint (over the phases marked `select`).
+    rules: selection.rules, the rules whose checkpoints are kept too (the primary one is not repeated).
     callbacks: more callbacks, run before the checkpoints (Lightning calls ModelCheckpoint last)."""
     from thawlab import ranks
 
@@ -427,6 +443,7 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path | None, logger, ddp: Di
         # written every epoch by a callback of its own: Lightning 2.6's save_last=True rewrites last.ckpt only in
         # epochs whose monitored metric improved, which would resume a killed run from a stale epoch
         callbacks.append(SelectCheckpoint(run_dir / "checkpoints", select))
+        callbacks += [SelectCheckpoint(run_dir / "checkpoints", r, primary=False) for r in extra_rules(rules, select)]
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST, monitor=None,
                                          save_top_k=1, enable_version_counter=False))
     if early_stopping is not None and early_stopping.patience is not None:

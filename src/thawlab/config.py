@@ -221,12 +221,22 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Selection rules reported beside the primary one (schedule.select), each over schedule.select_phases
+    (thawlab/selection.py): id_val (max val/id/acc), oracle (max mean OOD validation accuracy), last (the last
+    epoch). Each is tested: results.json `selections`, metrics `test/<rule>/<set>/<metric>`."""
+
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = num(1e-3, "[0, inf)")  # base lr of every group; phases scale it per group
     weight_decay: float = num(0.0, "[0, inf)")
     no_decay_exemptions: bool = True  # no weight decay on biases, norms and timm's no_weight_decay() names
     momentum: float = num(0.9, "[0, 1)")  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (FTP's SGDP and TPGM's SGD runs use it)
     # adamw only (fastai's Adam: 0.9, 0.99)
     betas: list[float] = num(spec="[0, 1)", factory=lambda: [0.9, 0.999])
     eps: float = num(1e-8, "(0, inf)")  # adamw only (fastai's Adam: 1e-5)
@@ -265,6 +275,15 @@ class ScheduleConfig:
     # select_phases (null: every phase, the whole run); lp_ft and wise_ft set their papers' rules
     select: str = "best"
     select_phases: Optional[list[str]] = None
+    # how the probe phase (a first phase that trains the head alone: frozen, lp_ft, wise_ft, gradual, fine_tune)
+    # fits the head: adamw = gradient steps with optimizer.* like any phase; lbfgs = full-batch multinomial
+    # logistic regression on cached features in float64 over probe_grid, chosen on ID val (thawlab/probe.py)
+    solver: str = "adamw"
+    # lbfgs: the C values (sklearn's inverse L2 strength), a list or "logspace(a, b, n)"; LP-FT's grid by default
+    probe_grid: Any = "logspace(-7, 2, 50)"
+    probe_max_iter: int = num(200, "[1, inf)")  # L-BFGS iterations per C (LP-FT: 200; sklearn's default: 100)
+    probe_tol: float = num(1e-4, "(0, inf)")  # sklearn's tol: scipy's gtol, the largest gradient entry
+    probe_normalize: bool = True  # standardise features by one scalar mean and std of the training set (LP-FT)
 
 
 @dataclass
@@ -351,6 +370,14 @@ class RegularizationConfig:
     # L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the pretrained body + beta/2 ||w_head||^2
     l2sp_alpha: float = num(0.0, "[0, inf)")
     l2sp_beta: float = num(0.0, "[0, inf)")
+    # projection toward theta_0 after each optimizer step (thawlab/projection.py): null | ftp | spd | tpgm
+    projection: Optional[str] = None
+    ftp_k: float = num(1.0, "[0, 1]")  # FTP: positive hyper-gradients of the radii scaled by k (1: strongest)
+    spd_weight_decay: float = num(1.0, "[0, inf)")  # SPD: lambda, the projection decay's strength
+    tpgm_norm: str = "mars"  # TPGM: the norm of w - w0 the radius bounds: mars (L1 per output row) | l2
+    tpgm_every: int = num(1, "[1, inf)")  # TPGM: radii trained after every this many optimizer steps
+    tpgm_iters: int = num(1, "[1, inf)")  # TPGM: Adam steps on the radii each time (one ID val batch each)
+    tpgm_lr: float = num(1e-2, "(0, inf)")  # TPGM: their Adam's lr
     # in [0, 1): of the training loss only (evaluation NLL stays the plain NLL)
     label_smoothing: float = num(0.0, "[0, 1)")
     # timm Mixup / CutMix of training batches: Beta(alpha, alpha) mixing weights, 0 = off (DeiT: 0.8 and 1.0);
@@ -470,14 +497,19 @@ class Cifar10Config(DataConfig):
     # at most this many training images per class (null: all)
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["cifar10_1", "stl10", "cifar10_c"])
     corruptions: list[str] = field(default_factory=lambda: [
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
         "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"])
     severities: list[int] = num(spec="[1, 5]", factory=lambda: [1, 2, 3, 4, 5])
-    augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    augment: str = "crop_flip"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(1.0, "(0, 1]")  # evaluation: resize to img_size / crop_pct, centre-crop img_size
     img_size: int = num(32, "[1, inf)")
+    # the resize's resampling (bilinear, bicubic, ...); null: the model's own (its timm or OpenCLIP config)
+    interpolation: Optional[str] = None
 
 
 @dataclass
@@ -494,10 +526,14 @@ class Cifar10CConfig(DataConfig):
     val_per_class: int = num(10, "[1, inf)")
     test_per_class: Optional[int] = num(None, "[1, inf)", "null: every image left")  # null: every image left
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["cifar10"])  # the clean CIFAR-10 test set, or []
     augment: str = "none"
     crop_pct: float = num(1.0, "(0, 1]")
     img_size: int = num(32, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass
@@ -520,10 +556,14 @@ class ImageNetConfig(DataConfig):
     val_per_class: int = num(10, "[1, inf)")
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
     ood: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"])
-    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass
@@ -542,9 +582,13 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = num(0.1, "(0, 1)")  # without a val folder: this fraction of each class held out of train
     train_per_class: Optional[int] = num(None, "[1, inf)", "null: all")
     split_seed: int = num(0, SEED)
-    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix (thawlab.data.augment)
+    # held out of each OOD test set (per class, seeded by split_seed) as its validation set: the oracle
+    # selection rule needs one (thawlab/data/ood_val.py); 0: OOD sets are test sets only
+    ood_val_fraction: float = num(0.0, "[0, 1)")
+    augment: str = "resized_crop"  # none | crop_flip | resized_crop | randaug | augmix | clip_crop (data/augment.py)
     crop_pct: float = num(0.875, "(0, 1]")
     img_size: int = num(224, "[1, inf)")
+    interpolation: Optional[str] = None  # null: the model's own
 
 
 @dataclass
@@ -585,6 +629,9 @@ class CacheConfig:
     prefix: bool = True  # the frozen-prefix cache (false: only the fully frozen backbone's features are cached)
     max_gb: float = num(2.0, "[0, inf)")  # the prefix's activations held in RAM up to this size (GB)
     disk_gb: float = num(20.0, "[0, inf)")  # beyond max_gb: a memory-mapped file in the run directory, up to this
+    # the store of features shared across runs (schedule.solver=lbfgs: <cache_dir>/features), least recently used
+    # entries evicted beyond this size (GB); `thawlab-cache clear` empties it
+    shared_gb: float = num(10.0, "[0, inf)")
 
 
 @dataclass
@@ -597,6 +644,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)

@@ -15,6 +15,10 @@ class LinearHead(nn.Module):
     def forward(self, x):
         return self.fc(self.dropout(x))
 
+    def fc_input(self, x):
+        """What fc sees at evaluation (dropout off): the features themselves (the L-BFGS probe fits fc on it)."""
+        return x
+
 
 class MLPHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.0):

@@ -49,7 +49,7 @@ OPTIMIZERS = {
     "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"],
                                                  betas=tuple(c.get("betas", (0.9, 0.999))), eps=c.get("eps", 1e-8)),
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"],
-                                             weight_decay=c["weight_decay"]),
+                                             weight_decay=c["weight_decay"], nesterov=c.get("nesterov", False)),
 }
 
 
@@ -113,9 +113,20 @@ class FeatureCache:
 
     def __init__(self):
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the digest of the backbone weights whose features fill the test tables (put() by the L-BFGS probe from
+        # the shared store, thawlab/probe.py); the test uses them only while the backbone still has these weights
+        self.test_digest: str | None = None
 
     def clear(self) -> None:
         self.tables.clear()
+        self.test_digest = None
+
+    def put(self, key: str, feats: torch.Tensor) -> None:
+        """A whole table at once: the features of every sample of a set, in index order."""
+        self.tables[key] = (feats, torch.ones(len(feats), dtype=torch.bool))
+
+    def has_test(self, index: int) -> bool:
+        return self.test_digest is not None and f"test/{index}" in self.tables
 
     def __call__(self, key: str, size: int, x: torch.Tensor, idx: torch.Tensor, compute) -> torch.Tensor:
         """Features of the samples `idx` (inputs x), computing only those not seen before."""
@@ -127,6 +138,9 @@ class FeatureCache:
             feats[idx], seen[idx] = out, True
             return out
         feats, seen = self.tables[key]
+        if feats.device != x.device:  # filled before Lightning moved the module (the probe's tables): follow it
+            feats, seen = feats.to(x.device), seen.to(x.device)
+            self.tables[key] = (feats, seen)
         new = ~seen[idx]
         if new.any():
             feats[idx[new]], seen[idx[new]] = compute(x[new]), True
@@ -160,6 +174,7 @@ class FineTuner(L.LightningModule):
         self.identity: dict | None = None
         self.stopped: list[dict] = []  # phases cut short by early stopping (thawlab.stopping)
         self.computed: dict[str, dict[str, float]] = {}  # stage -> {"test/id/acc": ...}
+        self.metric_prefix: dict[str, str] = {}  # stage -> the prefix of its metric names, when not the stage
         self.counts: dict[str, int] = {}  # "test/id" -> samples evaluated
         self.label_smoothing = reg.get("label_smoothing", 0.0)
         self.mix = make_mixup(reg, num_classes)
@@ -177,7 +192,10 @@ class FineTuner(L.LightningModule):
         self._clip_loss = None  # FLYP's loss (open_clip.ClipLoss), made on first use
         self.auto_lr = AutoLR()  # per-tensor lr multipliers of auto phases (Auto-RGN / Auto-SNR, thawlab/auto_lr.py)
         self.l2sp_alpha, self.l2sp_beta = reg.get("l2sp_alpha", 0.0), reg.get("l2sp_beta", 0.0)
-        if self.l2sp_alpha:  # the starting point w0 of L2-SP: the body as loaded; moves with the module
+        self.projection = reg.get("projection")  # toward w0 after each step (thawlab/projection.py), or None
+        self.note = note
+        self.tpgm = None  # TPGM's radii and their optimizer (thawlab/tpgm.py), made with the optimizer
+        if self.l2sp_alpha or self.projection:  # w0 of L2-SP and the projections: the body as loaded; moves
             self.w0 = nn.Module()  # buffers by position (a buffer's name cannot hold dots)
             self._w0_index: dict[str, int] = {}
             for name, p in net.backbone.named_parameters():
@@ -196,6 +214,8 @@ class FineTuner(L.LightningModule):
         if self.prefix is not None:
             self.prefix.begin_phase(index)
         optimizer = self.optimizers().optimizer
+        if self.tpgm is not None:
+            self.tpgm.step_in_epoch = 0  # the reference counts its projection frequency by batch index
         if self.current_epoch == start and phase.reset_optimizer:
             optimizer.state.clear()
         auto = self.auto_lr.update(self, phase, self.current_epoch)
@@ -275,6 +295,9 @@ class FineTuner(L.LightningModule):
         x, _, idx = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if stage == "test" and self.cache is not None and self.net.backbone_frozen and self.cache.has_test(
+                dataloader_idx):  # a frozen backbone's test features from the L-BFGS probe's store
+            return self.net.head(self.cache(f"test/{dataloader_idx}", 0, x, idx, self.net.features))
         if self.cache is None or stage == "test":
             return self.net(x)
         dm = self.trainer.datamodule
@@ -383,11 +406,15 @@ class FineTuner(L.LightningModule):
             for p in ps:
                 n = names[id(p)]
                 parts.setdefault((n in exempt, scales[n], n if per_tensor else ""), []).append(p)
+            # SPD takes Adam's step without weight decay on what it projects: its lambda replaces the decay there
+            spd_body = self.projection == "spd" and g not in ("head", "text")
             for (no_decay, scale, tensor), params in sorted(parts.items()):
                 groups.append({"params": params, "name": g, "layer_decay_scale": scale,
                                **({"tensor": tensor} if tensor else {}),
-                               **({"weight_decay": 0.0} if no_decay else {})})
+                               **({"weight_decay": 0.0} if no_decay or spd_body else {})})
         opt = OPTIMIZERS[c["name"]](groups, c)
+        if self.projection:
+            self._attach_projection(opt)
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // self.trainer.max_epochs)
         shape = {"name": c["schedule"], **{k: c.get(k) for k in SHAPE_KEYS}}
         lambdas = [functools.partial(lr_factor, self.phases, g["name"], steps_per_epoch=steps_per_epoch, shape=shape,
@@ -396,6 +423,36 @@ class FineTuner(L.LightningModule):
         momentum = functools.partial(momentum_at, self.phases, steps_per_epoch=steps_per_epoch, shape=shape)
         sched = PhaseScheduler(opt, lambdas, momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _attach_projection(self, opt) -> None:
+        """The projection toward w0 around the optimizer's step, over the backbone's weights that have a w0 (the
+        head and a CLIP text tower are not projected)."""
+        from thawlab import projection
+
+        names = [f"backbone.{n}" for n in self._w0_index]
+        anchors = projection.anchors_of(self.net, names, lambda n: getattr(self.w0, str(
+            self._w0_index[n.removeprefix("backbone.")])))
+        reg = self.hparams["regularization"]
+        if self.projection == "tpgm":
+            from thawlab.tpgm import TPGM, val_batches
+
+            if self.tpgm is None:
+                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+                self.tpgm = TPGM(self.net, names, reg, val_batches(self.trainer.datamodule, seed), self.device,
+                                 self.channels_last)
+                if getattr(self, "_tpgm_state", None) is not None:  # a resumed run's radii
+                    self.tpgm.load_state_dict(self._tpgm_state)
+            method = self.tpgm.projection(anchors)
+        else:
+            method = projection.make(self.projection, anchors, reg)
+        projection.attach(opt, method)
+        if self.note is not None:
+            sizes = dict(self.net.named_parameters())
+            trained = {n for p in self.phases for n, t in self.net.trains(p).items() if t and n in names}
+            self.note(f"projection {self.projection}: {len(trained)} of the backbone's {len(names)} tensors "
+                      f"({sum(sizes[n].numel() for n in trained):,} parameters) train in some phase and are "
+                      f"projected toward the pretrained weights after each step they train in; the head is not"
+                      + ("" if trained else " (no phase trains the backbone: the projection does nothing)"))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["thawlab_trace"] = self.trace
@@ -416,11 +473,15 @@ class FineTuner(L.LightningModule):
             checkpoint["thawlab_rng_ranks"] = everyone
         if self.theta0 is not None:
             checkpoint["thawlab_theta0"] = self.theta0
+        if self.tpgm is not None:
+            checkpoint["thawlab_tpgm"] = self.tpgm.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self.trace = checkpoint.get("thawlab_trace", [])
         if "thawlab_theta0" in checkpoint:
             self.theta0 = checkpoint["thawlab_theta0"]
+        # TPGM's radii: its object is made with the optimizer, after a checkpoint's weights are loaded
+        self._tpgm_state = checkpoint.get("thawlab_tpgm")
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if "thawlab_rng" in checkpoint and fitting:
             torch.set_rng_state(checkpoint["thawlab_rng"])
@@ -436,6 +497,14 @@ class FineTuner(L.LightningModule):
             self.stopped = checkpoint["thawlab_plan"]["stopped"]
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def on_test_start(self):
+        if self.cache is not None and self.cache.test_digest is not None:
+            from thawlab.feature_store import weights_digest
+
+            if weights_digest(self.net.backbone) != self.cache.test_digest:  # e.g. a checkpoint of a later phase
+                self.cache.tables = {k: v for k, v in self.cache.tables.items() if not k.startswith("test/")}
+                self.cache.test_digest = None
+
     def _eval_step(self, stage, batch, dataloader_idx):
         logits = restrict(self._logits(stage, batch, dataloader_idx), self.class_subsets.get(
             self.eval_sets[stage][dataloader_idx]))
@@ -449,17 +518,20 @@ class FineTuner(L.LightningModule):
 
     def _eval_epoch_end(self, stage):
         values: dict[str, float] = {}
+        # the test of another selection rule's checkpoint logs as test/<rule>/... (train.evaluate_selected), so
+        # the primary rule's keys keep their meaning in W&B
+        prefix = self.metric_prefix.get(stage, stage)
         for i, name in enumerate(self.eval_sets[stage]):
             collection = self.metrics[f"{stage}_{i}"]
             for metric, v in collection.compute().items():
                 if metric == "count":
                     self.counts[f"{stage}/{name}"] = int(v)
                 else:
-                    values[f"{stage}/{name}/{metric}"] = float(v)
+                    values[f"{prefix}/{name}/{metric}"] = float(v)
             collection.reset()
-        values.update(ood_mean(values, stage, self.eval_sets[stage]))
+        values.update(ood_mean(values, prefix, self.eval_sets[stage]))
         self.computed[stage] = values
-        headline = f"{stage}/id/acc"  # on the progress bar; the rest only in the logger
+        headline = f"{prefix}/id/acc"  # on the progress bar; the rest only in the logger
         self.log_dict({k: v for k, v in values.items() if k != headline}, add_dataloader_idx=False)
         self.log(headline, values[headline], prog_bar=True, add_dataloader_idx=False)
 

@@ -111,6 +111,6 @@ def _pretrain_cfg(cfg: DictConfig) -> DictConfig:
                                             "schedule": "cosine", "warmup_epochs": 0.0,
                                             "no_decay_exemptions": False},  # the recipe cached weights had
                               "regularization": {"l2sp_alpha": 0.0, "l2sp_beta": 0.0, "label_smoothing": 0.0,
-                                                 "mixup": 0.0, "cutmix": 0.0}})
+                                                 "mixup": 0.0, "cutmix": 0.0, "projection": None}})
     OmegaConf.update(c, "cache_features", False, merge=False)  # a bool replaces the block (build.cache_options)
     return c

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from thawlab.errors import ThawlabError, did_you_mean
+from thawlab.probe import DEFAULT_GRID, SOLVERS, parse_grid
 
 BN_POLICIES = ("train", "eval", "frozen")
 LR_SHAPES = ("cosine", "constant", "step", "stlr", "one_cycle")
@@ -44,6 +45,10 @@ class Phase:
     # the training loss: ce (cross-entropy of the head's logits) | contrastive (CLIP's loss between each image
     # and a prompt of its class, over the batch: FLYP; needs a CLIP text tower and head=zeroshot)
     loss: str = "ce"
+    # how the phase fits its trainable groups: adamw (gradient steps, optimizer.*) | lbfgs (a probe phase solved
+    # before fit by L-BFGS on cached features, thawlab/probe.py; it then runs one epoch at lr 0, which validates
+    # and checkpoints the solved head like any epoch)
+    solver: str = "adamw"
 
 
 LOSSES = ("ce", "contrastive")
@@ -228,6 +233,20 @@ def check(schedule_cfg, epochs: int, layer_decay: float = 1.0) -> None:
     if select not in SELECT_RULES:
         raise ThawlabError(f"schedule.select={select!r} is not one of {', '.join(SELECT_RULES)}"
                            f"{did_you_mean(str(select), SELECT_RULES)}")
+    solver = schedule_cfg.get("solver", "adamw")
+    if solver not in SOLVERS:
+        raise ThawlabError(f"schedule.solver={solver!r} is not one of {', '.join(SOLVERS)}"
+                           f"{did_you_mean(str(solver), SOLVERS)}")
+    if solver == "lbfgs":
+        parse_grid(schedule_cfg.get("probe_grid", DEFAULT_GRID))
+        # a schedule without a probe phase, refused before anything slow: its phases on stand-in groups (a
+        # strategy's own errors, which may depend on the real groups or head, are left to build_phases)
+        try:
+            trial = STRATEGIES[name](["g0", "g1", "g2", "g3", "head"], epochs, schedule_cfg)
+        except (ThawlabError, TypeError, KeyError, AttributeError):
+            trial = None
+        if trial:
+            solved_probe(trial, name)
     names = schedule_cfg.get("select_phases")
     if names is not None and (isinstance(names, str) or len(names) == 0):
         raise ThawlabError(f"schedule.select_phases={names!r} must be a non-empty list of phase names "
@@ -276,7 +295,21 @@ def build_phases(schedule_cfg, groups: list[str], epochs: int, layer_decay: floa
                       lr_mult={g: p.lr_mult.get(g, 1.0) for g in p.trainable})
               for p in phases]
     assert sum(p.epochs for p in phases) == epochs, phases
+    if schedule_cfg.get("solver", "adamw") == "lbfgs":
+        phases = solved_probe(phases, schedule_cfg.name)
     return phases
+
+
+def solved_probe(phases: list[Phase], name: str) -> list[Phase]:
+    """schedule.solver=lbfgs: the probe phase (the first, if it trains the head alone) is solved before fit; it
+    keeps one epoch at lr 0, so that the solved head is validated and checkpointed (and selected, where the
+    schedule's selection considers the probe) as any epoch. The later phases keep their epochs."""
+    first = phases[0]
+    if first.trainable != ("head",) or first.params is not None:
+        raise ThawlabError(f"schedule.solver=lbfgs solves a linear probe, and schedule={name} has no probe phase (its "
+                           f"first phase, {first.name}, does not train the head alone): use schedule=frozen, lp_ft "
+                           f"or wise_ft with lp_epochs >= 1")
+    return [replace(first, epochs=1, lr_mult={"head": 0.0}, solver="lbfgs"), *phases[1:]]
 
 
 def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase, int]:

@@ -4,10 +4,7 @@ once. Shared by thawlab.pretrain (timm backbones) and thawlab.clip_pretrain (the
 import it: it imports neither."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from thawlab.build import console
+from thawlab.filelock import locked as _locked  # shared with the feature store (thawlab.feature_store)
 
 WEIGHTS, META = "weights.safetensors", "meta.json"
 
@@ -46,20 +44,3 @@ def run_cached(d: Path, force: bool, pretrain) -> Path:
             raise
         (d / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return d / WEIGHTS
-
-
-@contextlib.contextmanager
-def _locked(d: Path):
-    """An exclusive lock on d/.lock, d created. A holder may remove d (a failed pretraining): whoever waited
-    on the old lock file then holds a lock on a deleted file, sees that and locks the new one."""
-    while True:
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                current = os.stat(d / ".lock").st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                yield
-                return

@@ -106,7 +106,15 @@ def _prepare(cfg: DictConfig) -> None:
 
     check_config(cfg)
     ranks.check(cfg)
-    build_datamodule(cfg.data, None, shuffle_seed=cfg.seed).prepare_data()  # checks files, downloads once
+    dm = build_datamodule(cfg.data, None, shuffle_seed=cfg.seed)
+    dm.prepare_data()  # checks files, downloads once
+    if "oracle" in _rules(cfg):  # its OOD validation sets are known once the sets are built: before any rank starts
+        from thawlab.data.preprocess import Preprocess
+        from thawlab.selection import check_ood_validation
+
+        dm.preprocess = Preprocess(img_size=cfg.data.img_size)  # the sets' names alone: any preprocessing will do
+        dm.setup("fit")
+        check_ood_validation(_rules(cfg), dm.eval_sets("val"), _data_name(cfg))
     if cfg.backbone.pretrained == "source":
         source_weights(cfg)
 
@@ -142,6 +150,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
     from thawlab.build import print_partition, print_wise
     from thawlab.pretrain import source_weights
     from thawlab.resume import identity, signals_deferred
+    from thawlab.selection import check_ood_validation
 
     run_dir = Path(job["run_dir"])
     record = new_record(cfg, job, write=rank == 0)
@@ -168,6 +177,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
             pretrained = str(source_weights(cfg))
         net, dm.preprocess = build_net(cfg, dm.num_classes, pretrained, classnames=classnames_of(cfg, dm))
         module = build_module(cfg, net, dm)
+        check_ood_validation(_rules(cfg), module.eval_sets["val"], _data_name(cfg))
         # theta_0 of the drift diagnostics: copied before prepare_for_device compiles the network in place
         monitor = build_monitor(cfg, net, dm)
         prepare_for_device(cfg, net)
@@ -178,11 +188,15 @@ def run(cfg: DictConfig, job: dict) -> dict:
         if rank == 0:
             print_partition(net, module.phases)
         zeroshot = evaluate_zeroshot(cfg, net, dm) if rank == 0 else {}
+        probe = solve_probe(cfg, net, dm, module, say) if module.phases[0].solver == "lbfgs" else None
         make_logger = instantiate(cfg.logger, _partial_=True)  # run-time arguments stay plain Python
         logger = make_logger(save_dir=str(run_dir), name=job["name"], group=job["group"],
                              run_config=record.payload["config"], resume=ckpt_path is not None)
+        # the epochs the phases run: trainer.max_epochs, less a solved probe's (it runs one)
         trainer = build_trainer(cfg.trainer, run_dir, logger, ddp=cfg.ddp, early_stopping=cfg.early_stopping,
-                                select=cfg.schedule.get("select", "best"), callbacks=[monitor] if monitor else [])
+                                select=cfg.schedule.get("select", "best"), rules=_rules(cfg),
+                                callbacks=[monitor] if monitor else [],
+                                max_epochs=sum(p.epochs for p in module.phases))
         io = trainer.strategy.checkpoint_io  # a signal never cuts a checkpoint short (thawlab.resume)
         io.save_checkpoint = signals_deferred(io.save_checkpoint)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -193,16 +207,24 @@ def run(cfg: DictConfig, job: dict) -> dict:
         if trainer.world_size > 1:
             say(f"DDP: {trainer.world_size} processes ({trainer.strategy.root_device.type}); weights identical "
                 f"across ranks at the end of fit: {module.ranks_in_sync}")
-        metrics, selection, wise, drift = evaluate_selected(cfg, trainer, module, dm, pretrained, run_dir)
+        metrics, selection, wise, drift, selections = evaluate_selected(cfg, trainer, module, dm, pretrained,
+                                                                        run_dir)
         metrics.update(zeroshot)
         if rank != 0:
             failed = False
             return metrics
-        record.finish(metrics=metrics, counts=module.counts, selection=selection, trace=trace, wise=wise,
-                      distributed=module.rank_report, **stopping, **drift)
+        record.finish(metrics=metrics, counts=module.counts, selection=selection, selections=selections,
+                      trace=trace, wise=wise, distributed=module.rank_report, **stopping, **drift,
+                      **({"probe": probe} if probe else {}))
         log_final_metrics(logger, metrics)
-        print_metrics(metrics, selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
-                                        f"{selection['epoch']} ({selection['phase']})")
+        others = tuple(f"test/{name}/" for name, s in selections.items() if not s["primary"])
+        print_metrics({k: v for k, v in metrics.items() if not k.startswith(others)},
+                      selected=f"by {selection['rule']} over {', '.join(selection['phases'])}: epoch "
+                               f"{selection['epoch']} ({selection['phase']})")
+        for name, s in selections.items():
+            if not s["primary"]:
+                print_metrics(metrics, stage=f"test/{name}", selected=f"by selection rule {name} ({s['rule']}) "
+                              f"over {', '.join(s['phases'])}: epoch {s['epoch']} ({s['phase']})")
         if zeroshot:
             print_metrics(zeroshot, stage="test/zeroshot", selected="before training: the zero-shot model")
         if wise:
@@ -216,6 +238,20 @@ def run(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         finish_wandb(failed)
+
+
+def solve_probe(cfg: DictConfig, net, dm, module, say) -> dict:
+    """schedule.solver=lbfgs: the probe phase's head fit by L-BFGS before fit (thawlab/probe.py), on features from
+    the shared store; every rank solves alike (the store computes them once). results.json `probe`."""
+    import torch
+
+    from thawlab.build import cache_options, on_gpu
+    from thawlab.probe import solve_probe as solve
+
+    gpu = on_gpu(cfg.trainer) and torch.cuda.is_available()
+    # a DDP rank on its own GPU (LOCAL_RANK, set for every rank), as Lightning will place it
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    return solve(cfg, net, dm, module.cache, device, cache_options(cfg)["shared_gb"], note=say)
 
 
 def evaluate_zeroshot(cfg: DictConfig, net, dm) -> dict:
@@ -252,44 +288,93 @@ def early_stopping_report(cfg: DictConfig, module) -> dict:
                                "epochs_planned": cfg.trainer.max_epochs}}
 
 
-def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
-                      ) -> tuple[dict, dict, list | None, dict]:
-    """The selected checkpoint (thawlab/selection.py: schedule.select over schedule.select_phases) on every test
-    set; then what the run asks for on top: its drift from the pretrained network, forgetting on the source task,
-    the exported model, the WiSE-FT curve. (metrics, selection, wise curve, {"diagnostics": ...} or {})"""
+def _rules(cfg: DictConfig) -> list:
+    """selection.rules (configs composed before the key existed have none)."""
+    return list((cfg.get("selection") or {}).get("rules") or [])
+
+
+def _data_name(cfg: DictConfig) -> str:
+    """The data option as typed (data=digits), else the data module's class."""
+    try:
+        return HydraConfig.get().runtime.choices["data"]
+    except (ValueError, KeyError, AttributeError):  # a DDP rank process: no Hydra here
+        return str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def _selected(selector, module) -> tuple[str, dict]:
+    """(the checkpoint a selection callback holds, what it selected), read before any test: loading a checkpoint
+    restores the callbacks' state as that file has it, and a file is written before its own epoch is recorded."""
+    path = selector.best_model_path
+    if not path:  # e.g. no validation ran in a considered phase: nothing to select from
+        what = (f"schedule.select={selector.rule}" if selector.primary else f"selection rule {selector.name}")
+        raise ThawlabError(f"no checkpoint was selected ({what}, schedule.select_phases="
+                           f"{[p.name for p in module.phases if p.select]}): did validation run in those phases?")
+    return path, dict(selector.selected or {})
+
+
+def _selection_entry(selector, module, path: str, chosen: dict, run_dir: Path) -> dict:
+    """results.json's record of one rule's checkpoint: rule, phases, phase, checkpoint, value, epoch (and `val`,
+    both validation scores of that epoch, where recorded)."""
     import torch
 
+    from thawlab.schedules import phase_at
+
+    epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    if chosen.get("epoch") != epoch:  # resumed from a checkpoint written before selections were recorded
+        chosen = {"epoch": epoch, "phase": phase_at(module.phases, epoch)[1].name,
+                  "value": _float(selector.best_model_score)}
+    entry = {"rule": selector.description, "phases": [p.name for p in module.phases if p.select],
+             "phase": chosen["phase"], "checkpoint": os.path.relpath(path, run_dir), "value": chosen["value"],
+             "epoch": epoch}
+    return {**entry, "val": chosen["val"]} if chosen.get("val") else entry
+
+
+def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir: Path
+                      ) -> tuple[dict, dict, list | None, dict, dict]:
+    """The selected checkpoint (thawlab/selection.py: schedule.select over schedule.select_phases) on every test
+    set, and each other rule's of selection.rules (metrics test/<rule>/...); then what the run asks for on top of
+    the primary one: its drift from the pretrained network, forgetting on the source task, the exported model,
+    the WiSE-FT curve. (metrics, selection, wise curve, {"diagnostics": ...} or {}, selections)"""
     from thawlab.build import console, export_model
     from thawlab.pretrain import source_retention
-    from thawlab.schedules import phase_at
-    from thawlab.selection import RULES
+    from thawlab.selection import SelectCheckpoint
     from thawlab.wise import wise_curve
 
     selector = trainer.checkpoint_callback
-    best = selector.best_model_path
-    if not best:  # e.g. no validation ran in a considered phase: nothing to select from
-        raise ThawlabError(f"no checkpoint was selected (schedule.select={selector.rule}, schedule.select_phases="
-                           f"{[p.name for p in module.phases if p.select]}): did validation run in those phases?")
-    # what fit selected, read before test: loading a checkpoint restores the callback's state as that file has it,
-    # and a file is written before its own epoch is recorded as the selection
-    chosen = dict(selector.selected or {})
+    others = [c for c in trainer.callbacks if isinstance(c, SelectCheckpoint) and not c.primary]
+    best, chosen = _selected(selector, module)
+    picked = {c.name: _selected(c, module) for c in others}
+    # the other rules' checkpoints first, every rank taking part, so that the primary one is loaded last: drift,
+    # forgetting, export and WiSE-FT below work on the module as its test leaves it
+    tested = {}
+    for c in others:
+        module.metric_prefix["test"] = f"test/{c.name}"
+        try:
+            trainer.test(module, datamodule=dm, ckpt_path=picked[c.name][0], verbose=False)
+        finally:
+            module.metric_prefix.pop("test", None)
+        tested[c.name] = dict(module.computed["test"])
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
     drift = drift_report(trainer, module, chosen)  # every rank takes part (gathered samples)
     if trainer.global_rank != 0:  # what follows runs in one process: evaluations on top, files
-        return metrics, {}, None, {}
+        return metrics, {}, None, {}, {}
+    selection = _selection_entry(selector, module, best, chosen, run_dir)
+    selections = {selector.name: {**selection, "primary": True, "metrics": dict(metrics)}}
+    for c in others:
+        prefix = f"test/{c.name}/"
+        selections[c.name] = {**_selection_entry(c, module, *picked[c.name], run_dir), "primary": False,
+                              "metrics": {"test/" + k.removeprefix(prefix): v for k, v in tested[c.name].items()}}
+        metrics.update(tested[c.name])
+    epoch = selection["epoch"]
     net = module.net
     if cfg.backbone.pretrained == "source":
         extra.update(source_retention(cfg, net, dm.preprocess, Path(pretrained)))
     if cfg.export or cfg.schedule.get("adapter"):
         export_model(net, cfg.schedule.get("adapter"), run_dir / "model.safetensors")
-    epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
-    if chosen.get("epoch") != epoch:  # resumed from a checkpoint written before selections were recorded
-        chosen = {"epoch": epoch, "phase": phase_at(module.phases, epoch)[1].name,
-                  "value": _float(selector.best_model_score)}
     head_only = {p.name for p in module.phases if p.trainable == ("head",)}
-    if cfg.schedule.get("alphas") and chosen["phase"] in head_only:
-        console.print(f"[yellow]warning: WiSE-FT's theta_ft is epoch {epoch} of phase {chosen['phase']}, which "
+    if cfg.schedule.get("alphas") and selection["phase"] in head_only:
+        console.print(f"[yellow]warning: WiSE-FT's theta_ft is epoch {epoch} of phase {selection['phase']}, which "
                       f"trains the head only: the curve interpolates between two linear probes "
                       f"(schedule.select_phases)[/yellow]")
     if cfg.schedule.get("alphas"):
@@ -298,10 +383,8 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
         extra.update({k: v for point in wise for k, v in point["metrics"].items()})
     if trainer.logger and extra:
         trainer.logger.log_metrics(extra, step=trainer.global_step)
-    selection = {"rule": RULES[selector.rule], "phases": [p.name for p in module.phases if p.select],
-                 "phase": chosen["phase"], "checkpoint": os.path.relpath(best, run_dir), "value": chosen["value"],
-                 "epoch": epoch}
-    return {**metrics, **extra}, selection, wise, drift
+    selection.pop("val", None)  # results.json `selection` as it always was; `selections` has the scores
+    return {**metrics, **extra}, selection, wise, drift, selections
 
 
 def drift_report(trainer, module, chosen: dict) -> dict:
@@ -457,10 +540,24 @@ def user_error(e: BaseException) -> str | None:
         msg = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
         if "not in struct" in msg and key:  # e.g. backbone.kwargs, which holds no keys until given some
             msg += f" (to add a key: +{key}=...)"
+        elif key and (swept := _swept_group(key)):
+            # Hydra composes a multirun's config once with the group's default option, before the sweep picks
+            # each option: a key that only the swept options have is not there yet
+            msg += (f" (a sweep over {swept}: a key of those options alone cannot be set for the whole sweep; "
+                    f"run one sweep per option, e.g. {swept.split(',')[0]} {key}=...)")
         return f"{key}: {msg}" if key else msg
     if isinstance(e, (ConfigCompositionException, OverrideParseException)):
         return " ".join(str(e).split())
     return None
+
+
+def _swept_group(key: str) -> str | None:
+    """`group=a,b` from this multirun's command line when `key` lies in that config group, else None."""
+    args = sys.argv[1:]
+    if not {"-m", "--multirun"} & set(args):
+        return None
+    group = key.split(".")[0]
+    return next((a for a in args if a.startswith(f"{group}=") and "," in a), None)
 
 
 if __name__ == "__main__":

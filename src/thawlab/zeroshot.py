@@ -54,6 +54,10 @@ class ZeroShotHead(nn.Module):
     def forward(self, x):
         return self.fc(self.dropout(F.normalize(x, dim=-1)))
 
+    def fc_input(self, x):
+        """What fc sees at evaluation: the normalised features (the L-BFGS probe fits fc on them, from scratch)."""
+        return F.normalize(x, dim=-1)
+
     @torch.no_grad()
     def fill(self, text: nn.Module, classnames: list[str], templates: list[str], cache_dir: str | Path | None = None,
              batch_classes: int = 10) -> dict:

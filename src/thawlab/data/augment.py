@@ -8,6 +8,9 @@ Presets, each on a PIL image, then to a tensor normalised with the model's mean 
 - randaug: the data set's base crop (`Recipe.base`), then timm's RandAugment `rand-m9-mstd0.5-inc1` (2 of 15
   operations drawn per image, each applied with probability 0.5, magnitude 9 ± 0.5 of 10) and timm's random
   erasing (probability 0.25, noise): the timm / DeiT recipe;
+- clip_crop: the training transform of OpenAI's CLIP code as wise-ft and FLYP vendor it (clip/clip.py
+  `_transform(n_px, is_train=True)` in mlfoundations/wise-ft and locuslab/FLYP): a random resized crop of 90-100%
+  of the area, bicubic, no flip, whatever the data set's recipe (the papers' CLIP ImageNet runs);
 - augmix: the base crop, then torchvision's AugMix (Hendrycks et al., ICLR 2020: 3 chains of 1-3 operations
   mixed with Dirichlet weights, then with the image) at the paper's settings: severity 3, width 3, and without
   the operations that overlap with the corruption benchmarks (contrast, colour, brightness, sharpness:
@@ -31,7 +34,8 @@ from typing import Callable
 from thawlab.data.preprocess import Preprocess
 from thawlab.errors import ThawlabError, did_you_mean
 
-PRESETS = ("none", "crop_flip", "resized_crop", "randaug", "augmix")
+PRESETS = ("none", "crop_flip", "resized_crop", "randaug", "augmix", "clip_crop")
+CLIP_CROP_SCALE = (0.9, 1.0)  # wise-ft / FLYP clip/clip.py: RandomResizedCrop(n_px, scale=(0.9, 1.0), BICUBIC)
 RANDAUG = "rand-m9-mstd0.5-inc1"  # timm's default RandAugment policy (DeiT, timm's ImageNet recipes)
 RE_PROB = 0.25  # random erasing probability (DeiT)
 MAGNITUDE_MAX = 9.99  # RandAugment's magnitude cap (timm: 10); see train_transform
@@ -89,19 +93,31 @@ def eval_transform(p: Preprocess, crop_pct: float = 0.875) -> Callable:
 
     size = p.img_size
     resize = int(math.floor(size / crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                      T.CenterCrop(size), *finish(p)])
+    return T.Compose([T.Resize(resize, interpolation=resampling(p), antialias=True), T.CenterCrop(size), *finish(p)])
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+
+
+def resampling(p: Preprocess):
+    """The torchvision mode of the model's interpolation (timm's and OpenCLIP's configs name it)."""
+    import torchvision.transforms as T
+
+    if p.interpolation not in INTERPOLATIONS:
+        raise ThawlabError(f"data.interpolation={p.interpolation!r}: choose from {', '.join(INTERPOLATIONS)} "
+                           f"(null: the model's own)")
+    return T.InterpolationMode(p.interpolation)
 
 
 def _crop(p: Preprocess, kind: str, recipe: Recipe) -> list[Callable]:
     import torchvision.transforms as T
 
-    size, bilinear = p.img_size, T.InterpolationMode.BILINEAR
+    size, mode = p.img_size, resampling(p)
     flip = [T.RandomHorizontalFlip(recipe.hflip)] if recipe.hflip > 0 else []
     if kind == "crop_flip":
-        return [T.Resize(size, interpolation=bilinear, antialias=True), T.CenterCrop(size),
+        return [T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size),
                 T.RandomCrop(size, padding=max(1, size // 8), fill=recipe.fill or 0), *flip]
-    return [T.RandomResizedCrop(size, scale=recipe.scale, interpolation=bilinear, antialias=True), *flip]
+    return [T.RandomResizedCrop(size, scale=recipe.scale, interpolation=mode, antialias=True), *flip]
 
 
 def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: Recipe = NATURAL) -> Callable:
@@ -113,6 +129,9 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
         return eval_transform(p, crop_pct)
     if kind in ("crop_flip", "resized_crop"):
         return T.Compose([*_crop(p, kind, recipe), *finish(p)])
+    if kind == "clip_crop":  # the reference's crop (ratio: torchvision's default 3/4..4/3, as there)
+        return T.Compose([T.RandomResizedCrop(p.img_size, scale=CLIP_CROP_SCALE,
+                                              interpolation=T.InterpolationMode.BICUBIC, antialias=True), *finish(p)])
     steps = [*_crop(p, recipe.base, recipe), ToMode(_mode(p))]  # the operations below need L or RGB
     bands = p.in_chans
     if kind == "randaug":
@@ -122,7 +141,7 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
         fill = (recipe.fill,) * bands if recipe.fill is not None else \
             tuple(min(255, round(255 * m)) for m in p.mean[:bands])  # timm's own choice: the mean colour
         hparams = {"translate_const": int(p.img_size * 0.45), "img_mean": fill,  # as create_transform passes
-                   "interpolation": _pil_bilinear(),
+                   "interpolation": _pil(p),  # create_transform: the model's interpolation
                    # magnitudes drawn at 10 (9 + noise, clipped) make the increasing posterize keep 0 bits: a
                    # black image in older Pillow, a ValueError in Pillow 13. Capped just below: at least 1 bit.
                    "magnitude_max": MAGNITUDE_MAX}
@@ -130,10 +149,11 @@ def train_transform(p: Preprocess, kind: str, crop_pct: float = 0.875, recipe: R
                           RandomErasing(RE_PROB, mode="pixel", device="cpu")])
     fill = [float(recipe.fill)] * bands if recipe.fill is not None else None
     return T.Compose([*steps, T.AugMix(severity=3, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False,
-                                       interpolation=T.InterpolationMode.BILINEAR, fill=fill), *finish(p)])
+                                       interpolation=resampling(p), fill=fill), *finish(p)])
 
 
-def _pil_bilinear():
-    from PIL import Image
+def _pil(p: Preprocess):
+    from timm.data.transforms import str_to_pil_interp
 
-    return Image.BILINEAR
+    resampling(p)  # checked
+    return str_to_pil_interp(p.interpolation)

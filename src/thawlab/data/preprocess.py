@@ -10,12 +10,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Preprocess:
-    """What a model expects: input size, channels and normalisation (from the weights' timm config)."""
+    """What a model expects: input size, channels, normalisation and the resampling of its resize (from the
+    weights' timm or OpenCLIP config). `interpolation` is the real-image transforms' (data/augment.py), as timm's
+    create_transform uses the model's; the embedded benchmark's 8x8 glyphs are always upsampled bilinearly."""
 
     img_size: int = 32
     in_chans: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"
 
     def __call__(self, x8: torch.Tensor) -> torch.Tensor:
         """(N, 1, 8, 8) in [0, 1] -> (N, in_chans, img_size, img_size), normalised."""

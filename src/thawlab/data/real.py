@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from thawlab.data import augment as aug
 from thawlab.data.augment import eval_transform, train_transform
+from thawlab.data.ood_val import hold_out
 from thawlab.data.preprocess import Preprocess
 from thawlab.data.sets import ImageSets
 from thawlab.errors import ThawlabError, did_you_mean
@@ -228,8 +229,10 @@ class RealImageSets(ImageSets):
     default_augment = "resized_crop"
     recipe = aug.NATURAL  # what keeps a label (thawlab.data.augment): flips, the base crop of randaug and augmix
 
-    def __init__(self, augment: str | None = None, crop_pct: float = 0.875, **loader_kwargs):
+    def __init__(self, augment: str | None = None, crop_pct: float = 0.875, ood_val_fraction: float = 0.0,
+                 **loader_kwargs):
         super().__init__(**loader_kwargs)
+        self.ood_val_fraction = ood_val_fraction  # held out of each OOD test set for validation (data/ood_val.py)
         self.preprocess = Preprocess()  # replaced by the model's expectation before setup
         self.augment = self.default_augment if augment in (None, "default") else augment
         self.crop_pct = crop_pct
@@ -249,6 +252,8 @@ class RealImageSets(ImageSets):
             aug.check(self.augment)
             if not 0 < self.crop_pct <= 1:
                 raise ThawlabError(f"data.crop_pct={self.crop_pct}: outside (0, 1]")
+            if not 0 <= self.ood_val_fraction < 1:
+                raise ThawlabError(f"data.ood_val_fraction={self.ood_val_fraction}: outside [0, 1)")
             self._check()
             self._checked = True
         return self
@@ -265,6 +270,7 @@ class RealImageSets(ImageSets):
         self.prepare_data()
         self.build(train_transform(self.preprocess, self.augment, self.crop_pct, self.recipe),
                    eval_transform(self.preprocess, self.crop_pct))
+        hold_out(self.sets, self.ood_val_fraction, getattr(self, "split_seed", 0))
 
     def build(self, train_tf: Callable, eval_tf: Callable) -> None:
         """Fill train_set, sets["val"] (id) and sets["test"] (id, then ood/<name>...)."""

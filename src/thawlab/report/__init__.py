@@ -3,6 +3,7 @@
     thawlab-report PATH... [--out DIR] [--metric acc|nll|ece] [--se] [--group-by KEY...] [--rows LABEL...]
                    [--baselines LABEL... | --testbed FILE] [--er-fit mean|per-set] [--compare A B]...
                    [--label ROW=NAME]... [--labels FILE] [--include-smoke] [--tune KEY] [--no-figures]
+                   [--rule id_val|oracle|last]
                    [--wandb [--wandb-project NAME] [--wandb-entity NAME]]
 
 Every results.json under the PATHs (searched recursively; a PATH may also be one results.json) is one run. Runs
@@ -38,6 +39,13 @@ Outputs, next to the runs (the common parent of the PATHs, or the single PATH) o
 - paired_<A>_vs_<B>.md for each `--compare A B`: per-seed differences A − B over the seeds both rows
   finished, mean ± std (s.e. with --se), a t-based 95% confidence interval of the mean difference, the
   two-sided paired t-test's p-value (scipy.stats.ttest_rel), and in how many seeds A is better.
+- the zero-shot row (thawlab.report.zeroshot): runs with head=zeroshot evaluate the zero-shot model before
+  training (results.json test/zeroshot/*); it is one row, `zero-shot`, first, per zero-shot model (several:
+  `zero-shot[<keys that differ>]`), per seed the mean over that seed's runs, never a baseline of the fit, a star
+  in id_vs_ood, usable in --rows, --label and --compare (`--compare schedule=wise_ft zero-shot`); the caption
+  says whether its figures are identical across runs and seeds.
+- with --rule NAME, the same in <out>/rule_NAME/ with every run at the checkpoint of that selection rule
+  (results.json `selections`; thawlab.report.rules): id_val, oracle (OOD validation) or last.
 - with --wandb, a W&B run of the report (job_type report, the sweep's group): the table, the paired
   comparisons and the figures (thawlab.report.wandb_run).
 
@@ -74,6 +82,7 @@ unknown row label), one line on stderr and nothing written.
 Python API (what the analysis notebook uses):
 
     runs = load(["multirun/strategies"])          # Runs: .runs, .skipped, .smoke, .labels(), .row(label)
+    runs = load(paths, zeroshot=False)            # without the zero-shot row
     rename(runs, {"lp_ft": "LP-FT"})              # display names (tables, paired files, legends)
     table = summarize(runs, metric="acc", se=False, baselines=None, rows=None, er_fit="mean", testbed=None)
     table.rows[0].cells["OOD mean"].mean; table.best(); table.markdown(); table.latex(); table.csv()
@@ -88,8 +97,9 @@ from __future__ import annotations
 
 from thawlab.report.runs import (  # noqa: F401
     PROG, METRICS, BASELINE_SCHEDULES, DEFAULT_N, FORMATS, ER_FITS, INERT_KEYS, SMOKE_LIMITS, ReportError, Run,
-    Skipped, Runs, inert, smoke_reason, load, tune, rename,
+    Skipped, Runs, inert, smoke_reason, tune, rename,
 )
+from thawlab.report.zeroshot import load  # noqa: F401 (runs.load and the zero-shot rows)
 from thawlab.report.stats import (  # noqa: F401
     logit, sigmoid, clip, samples, id_ood, Testbed, read_testbed, ERFit, default_baselines, effective_robustness,
 )

@@ -7,11 +7,13 @@ import re
 import sys
 from pathlib import Path
 
-from thawlab.report.runs import ER_FITS, METRICS, PROG, ReportError, load, rename, tune
+from thawlab.report.runs import ER_FITS, METRICS, PROG, ReportError, rename, tune
+from thawlab.report.zeroshot import load
 from thawlab.report.stats import effective_robustness
 from thawlab.report.tables import _where, summarize
 from thawlab.report.compare import paired_markdown
 from thawlab.report.plots import figures, wise_markdown
+from thawlab.report.rules import RULES, with_rule
 
 def _safe(s: str) -> str:
     return re.sub(r"[^\w.=,+-]", "_", s)
@@ -50,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--labels", type=Path, metavar="FILE", help="YAML or JSON mapping row label -> display name")
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                     help="paired comparison A − B over shared seeds (repeatable)")
+    ap.add_argument("--rule", choices=RULES, metavar="NAME",
+                    help="report every run at the checkpoint of this selection rule: id_val, oracle (OOD "
+                         "validation) or last (results.json selections; train with selection.rules=[...]); "
+                         "default: each run's own (schedule.select). Output goes to <out>/rule_<NAME>/ unless --out")
     ap.add_argument("--tune", metavar="KEY", help="per row, keep the value of KEY (e.g. optimizer.lr) with the best "
                                                   "mean ID validation score; the caption says which")
     ap.add_argument("--no-figures", action="store_true", help="tables (and paired files) only")
@@ -93,7 +99,7 @@ def _names(args) -> dict:
 
 
 def _report(args) -> int:
-    runs = load(args.paths, group_by=args.group_by, include_smoke=args.include_smoke)
+    runs = with_rule(load(args.paths, group_by=args.group_by, include_smoke=args.include_smoke), args.rule)
     if args.tune:
         runs = tune(runs, args.tune)
     for s in runs.skipped:
@@ -112,7 +118,7 @@ def _report(args) -> int:
     compare = [(runs.resolve(a, "--compare"), runs.resolve(b, "--compare")) for a, b in args.compare]
     rename(runs, _names(args))
     fit = effective_robustness(runs, baselines, args.er_fit, args.testbed)
-    out = args.out or runs.root
+    out = args.out or (runs.root / f"rule_{args.rule}" if args.rule else runs.root)
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(runs, metric=args.metric, se=args.se, rows=rows, fit=fit)
     written = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from thawlab.report.runs import METRICS, Runs
 from thawlab.report.stats import ERFit, effective_robustness
-from thawlab.report.tables import Column, column_values, columns
+from thawlab.report.tables import Column, _rules, column_values, columns
 
 @dataclass
 class Pair:
@@ -136,8 +136,9 @@ def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=N
              f"percentage points, NLL in nats. Mean ± {'s.e. (std/√n)' if se else 'std (n−1)'} of the "
              f"differences; 95% CI: mean ± t(0.975, n−1) · std/√n; p: two-sided paired t-test of a zero mean "
              f"difference (scipy.stats.ttest_rel). `{na} better`: seeds in which {na} has the higher accuracy or "
-             f"effective robustness, or the lower NLL or ECE, out of the paired n (ties named). Effective "
-             f"robustness: {fit.describe()}.", "",
+             f"effective robustness, or the lower NLL or ECE, out of the paired n (ties named; the distortion ratio, "
+             f"a diagnostic with no better direction: the seeds in which it is lower). Effective "
+             f"robustness: {fit.describe()}. Checkpoints: {_rules(runs.row(a) + runs.row(b))}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for c, p in pairs:
         d = dict(zip(p.seeds, p.diffs))
@@ -147,6 +148,8 @@ def paired_markdown(runs: Runs, a: str, b: str, metric: str = "acc", baselines=N
         ms = "–" if p.mean is None else f"{p.mean:+.{k}f} ± " + (f"{sp:.{k}f}" if sp is not None else "–")
         ci = "–" if p.ci95 is None else f"[{p.ci95[0]:+.{k}f}, {p.ci95[1]:+.{k}f}]"
         win = f"{p.wins} of {p.n}" + (f" ({p.ties} tied)" if p.ties else "") if p.n else "–"
+        if p.n and not c.marked:  # a diagnostic (distortion) has no better direction: say which way it counted
+            win = f"lower in {win}"
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in [c.name] + cells + [ms, ci, _p(p.p_value), win])
                      + " |")
     unpaired = []  # seeds a row did not finish (a column without a value shows "–" and is explained above)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from thawlab.report.runs import FORMATS, Run, Runs, selection_words
 from thawlab.report.stats import ERFit, clip, effective_robustness, id_ood, logit, samples, sigmoid
+from thawlab.report.zeroshot import is_zeroshot
 
 @dataclass
 class FigureSet:
@@ -126,10 +127,13 @@ def _scatter(runs: Runs, labels: list[str], fit: ERFit, colors: dict, se: bool =
         cx, cy = min(max(mx, eps_x), 1 - eps_x), min(max(my, eps_y), 1 - eps_y)
         xerr = [[cx - min(max(mx - sx, eps_x), cx)], [max(min(mx + sx, 1 - eps_x), cx) - cx]]
         yerr = [[cy - min(max(my - sy, eps_y), cy)], [max(min(my + sy, 1 - eps_y), cy) - cy]]
-        ax.errorbar([cx], [cy], xerr=xerr, yerr=yerr, fmt="o", ms=9, color=c, mec="black", mew=0.8,
-                    ecolor=c, elinewidth=1.4, capsize=3, zorder=3,
+        # the zero-shot model (report/zeroshot.py): a star, as the papers draw it beside the fine-tuned models
+        star = any(is_zeroshot(r) for r in runs.row(lab))
+        ax.errorbar([cx], [cy], xerr=xerr, yerr=yerr, fmt="*" if star else "o", ms=16 if star else 9, color=c,
+                    mec="black", mew=0.8, ecolor=c, elinewidth=1.4, capsize=3, zorder=3,
                     label=_wrap(f"{runs.name(lab)} ({_n(len(pts[lab]), len(runs.row(lab)))})"
-                                + (" · baseline" if lab in fit.baselines else "")))
+                                + (" · baseline" if lab in fit.baselines else "")
+                                + (" · the model before training" if star else "")))
     if fit.testbed is not None and fit.mode == "mean" and fit.points:
         tx, ty = [x for _, x, _ in fit.points], [y for _, _, y in fit.points]
         allx += tx
@@ -189,6 +193,14 @@ def _wise_points(run: Run) -> list[tuple[float, float, float]]:
     return out
 
 
+def _theta0(runs: list[Run]) -> str:
+    """What θ₀ is in these runs: with head=zeroshot the zero-shot model (the paper's recipe), else the pretrained
+    body with the linear probe's head."""
+    kinds = {"the zero-shot model" if str(r.get("head._target_", "")).endswith("ZeroShotHead")
+             else "pretrained body + linear-probe head" for r in runs}
+    return " or ".join(sorted(kinds)) or "pretrained body + linear-probe head"
+
+
 def wise_markdown(runs: Runs, label: str, metric: str = "acc", se: bool = False) -> str | None:
     """The WiSE-FT curve of one row as a table: per alpha, mean ± std (s.e. with se) over seeds of ID, each OOD
     set and the
@@ -210,7 +222,7 @@ def wise_markdown(runs: Runs, label: str, metric: str = "acc", se: bool = False)
     rules = sorted({selection_words(r) for r in done})
     lines = [f"**WiSE-FT curve of {runs.name(label)}.** Test {metric} (%), mean ± {_spread_name(se)} over "
              f"{len(done)} seeds, of "
-             f"(1 − α) θ₀ + α θ_ft (θ₀: pretrained body + linear-probe head; θ_ft: the fine-tuned checkpoint, "
+             f"(1 − α) θ₀ + α θ_ft (θ₀: {_theta0(done)}; θ_ft: the fine-tuned checkpoint, "
              f"{'; '.join(rules)}). In brackets: seeds in which α beats α = 1, paired by seed.", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * len(sets) + "|"]
     scale = 100 if metric in ("acc", "ece") else 1
@@ -273,8 +285,8 @@ def _wise(runs: Runs, labels: list[str], colors: dict, se: bool = False):
         ax.tick_params(labelsize=9.5)
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=9, frameon=False, borderaxespad=0,
                    title=f"mean ± {_spread_name(se)} over seeds", title_fontsize=9)
-    fig.suptitle("WiSE-FT: interpolating from θ₀ (pretrained body + linear-probe head) to the fine-tuned "
-                 "weights", fontsize=12)
+    with_curve = [r for lab in curves for r in runs.row(lab) if r.done and r.wise]
+    fig.suptitle(f"WiSE-FT: interpolating from θ₀ ({_theta0(with_curve)}) to the fine-tuned weights", fontsize=12)
     return fig, None
 
 

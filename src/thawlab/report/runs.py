@@ -25,10 +25,11 @@ ER_FITS = ("mean", "per-set")
 # the same seed: these keys are never row factors, and two runs differing only in them are one configuration
 # (a resumed seed replaces its killed run instead of opening a row of its own). A key covers its subkeys
 # (`hydra` covers hydra.run.dir and hydra/launcher=...). Keys that do change results (seed, debug, trainer.limit_*,
-# trainer.precision, trainer.deterministic, ...) are deliberately absent.
+# trainer.precision, trainer.deterministic, ...) are deliberately absent. `selection.rules` only adds checkpoints
+# tested beside the run's own (thawlab-report --rule reports them): the training and its own results are the same.
 INERT_KEYS = ("ckpt_path", "logger", "hydra", "cache_dir", "export", "trainer.enable_progress_bar",
               "trainer.log_every_n_steps", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-              "data.source.num_workers", "ddp.timeout_s", "ddp.grace_s")
+              "data.source.num_workers", "ddp.timeout_s", "ddp.grace_s", "selection.rules")
 # Trainer limits under which a run trains or evaluates on a few batches (debug=smoke sets them): its metrics
 # are not results. A limit is full when unset or the float 1.0 (an int 1 is one batch, as in Lightning).
 SMOKE_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
@@ -52,10 +53,11 @@ def selection_words(run: "Run") -> str:
     sel = run.selection or {}
     rule = sel.get("rule") or "unknown rule"
     phases = sel.get("phases") if (run.config.get("schedule") or {}).get("select_phases") else None
+    oracle = " (the oracle: selected on OOD validation data)" if "val/ood" in rule else ""
     if not phases:
-        return f"{rule} over the whole run"
+        return f"{rule} over the whole run{oracle}"
     where = f"phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}"
-    return f"last epoch of {where}" if rule == "last epoch" else f"{rule} within {where}"
+    return f"last epoch of {where}" if rule == "last epoch" else f"{rule} within {where}{oracle}"
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -78,6 +80,8 @@ class Run:
     inert: tuple[str, ...] = ()  # overrides that do not change the experiment (INERT_KEYS): never in the key
     smoke: str | None = None  # why this is a smoke run (smoke_reason), None for a real one
     diagnostics: dict | None = None  # results.json `diagnostics` (drift from the pretrained network), if any
+    zeroshot_of: list | None = None  # a zero-shot row's run (report/zeroshot.py): the runs whose figures it is
+    selections: dict | None = None  # results.json `selections`: each selection rule's checkpoint (report/rules.py)
 
     @property
     def done(self) -> bool:
@@ -134,6 +138,7 @@ class Runs:
     smoke: list = field(default_factory=list)  # smoke runs left out (load(include_smoke=False))
     smoke_included: list = field(default_factory=list)  # smoke runs reported (include_smoke=True)
     names: dict = field(default_factory=dict)  # row label -> display name (rename(), --label, --labels)
+    rule: str | None = None  # --rule: the selection rule every run is reported at (None: each run's own)
 
     def name(self, label: str) -> str:
         """The row's display name: the one given with rename()/--label, else its label."""
@@ -280,7 +285,8 @@ def _parse(path: Path) -> Run:
                metrics=data["metrics"], counts=data.get("counts") or {}, selection=data.get("selection"),
                wise=data.get("wise") or None, error=data.get("error") if status == "failed" else None,
                finished=str(data.get("finished") or ""), smoke=smoke_reason(data["config"], overrides),
-               diagnostics=data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else None)
+               diagnostics=data.get("diagnostics") if isinstance(data.get("diagnostics"), dict) else None,
+               selections=data.get("selections") if isinstance(data.get("selections"), dict) else None)
 
 
 def _hydra_overrides(run_dir: Path) -> list[str] | None:
@@ -406,7 +412,8 @@ def load(paths, group_by=None, include_smoke: bool = False) -> Runs:
     configuration and seed are left out and listed in `.skipped` with the reason. Smoke runs (smoke_reason:
     debug=smoke, trainer limits) are left out and listed in `.smoke` unless include_smoke. Every seed seen in
     the runs is expected of every row: a row without it gets a "missing" run (a gap). Under group_by a row may
-    hold several configurations; a seed is missing from it only when none of them has a run of that seed."""
+    hold several configurations; a seed is missing from it only when none of them has a run of that seed.
+    thawlab.report.load (report/zeroshot.py) adds the zero-shot rows to this."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     group_by = tuple(group_by or ())
@@ -489,10 +496,12 @@ def tune(runs: Runs, key: str) -> Runs:
     prefix = f"{key}="
     parts = (lambda r: r.label.split(",")) if runs.group_by else (
         lambda r: [o for o in r.overrides if o not in runs.common])
-    base = {id(r): ",".join(o for o in parts(r) if not o.startswith(prefix)) or "all" for r in runs.runs}
-    keep, tuned = [], {}
+    keep = [r for r in runs.runs if r.zeroshot_of is not None]  # the zero-shot model has no hyperparameter
+    trained = [r for r in runs.runs if r.zeroshot_of is None]
+    base = {id(r): ",".join(o for o in parts(r) if not o.startswith(prefix)) or "all" for r in trained}
+    tuned = {}
     for row in dict.fromkeys(base.values()):
-        members = [r for r in runs.runs if base[id(r)] == row]
+        members = [r for r in trained if base[id(r)] == row]
         scores: dict[str, list[float]] = {}
         for r in members:
             value = (r.selection or {}).get("value")
@@ -508,7 +517,7 @@ def tune(runs: Runs, key: str) -> Runs:
                 r.label = row
                 keep.append(r)
     return Runs(keep, runs.skipped, runs.root, runs.group_by, runs.common, tuned, runs.smoke, runs.smoke_included,
-                runs.names)
+                runs.names, runs.rule)
 
 
 def rename(runs: Runs, names: dict) -> Runs:

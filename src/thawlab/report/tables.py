@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from thawlab.results import RESULTS
 from thawlab.report.runs import METRICS, ReportError, Run, Runs, selection_words
 from thawlab.report.stats import ERFit, effective_robustness
+from thawlab.report import zeroshot as zs
 
 @dataclass
 class Column:
@@ -343,19 +344,26 @@ def summarize(runs: Runs, metric: str = "acc", se: bool = False, baselines=None,
               f"n: runs that finished, of the {len(seeds)} seeds expected per configuration "
               f"({', '.join(map(str, seeds))}: every seed seen in these runs)")
     caption = (f"Test {what} (ID, each OOD set and their mean; ECE on the ID test set in %) of "
-               f"{_rules(runs.runs)}, mean ± {spread} over seeds. "
+               f"{_rules([r for r in runs.runs if not zs.is_zeroshot(r)])}, mean ± {spread} over seeds. "
                f"{n_text}; a failed or missing run is a gap, never averaged away. Bold: per column the best mean "
                f"(lower NLL and ECE, higher accuracy and eff. robustness) and every mean within the best one's "
                f"{'s.e.' if se else 'std'} of it. {rows_text} {_er_caption(fit)}")
+    zs_caption, zs_notes = zs.describe(runs, labels)
+    if zs_caption:
+        caption += " " + zs_caption
     if runs.tuned:
         key = next(iter(runs.tuned.values()))[0]
         choices = "; ".join(f"{row}: {best} (" + ", ".join(f"{v}: {100 * m:.1f}" for v, m in means.items()) + ")"
                             for row, (_, best, means) in runs.tuned.items() if row in labels)
-        caption += (f" {key} chosen per row on ID validation (mean val/id/acc of the selected checkpoints over "
-                    f"seeds, in %): {choices}.")
+        on = ("OOD validation (the oracle: mean val/ood/mean/acc" if runs.rule == "oracle"
+              else "ID validation (mean val/id/acc")
+        caption += f" {key} chosen per row on {on} of the selected checkpoints over seeds, in %): {choices}."
+    if runs.rule:
+        caption += (f" Selection rule: {runs.rule} (--rule), every run at the checkpoint this rule chose; what only "
+                    f"the run's own checkpoint measures (source task, drift, WiSE-FT) is left out.")
     if any(c.key.startswith("test/source/") for c in cols):
         caption += (" Source task: the fine-tuned backbone with the original source head on the source test set "
                     "(forgetting).")
     if runs.smoke_included:
         caption += f" Includes {len(runs.smoke_included)} smoke runs (not results)."
-    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels), dict(runs.names))
+    return Table(cols, table_rows, metric, se, fit, caption, notes(runs, labels) + zs_notes, dict(runs.names))
