@@ -38,7 +38,14 @@ def test_experiment_config_composes_checks_and_builds(path, tmp_path, tiny_clip)
     check_config(cfg)
     offline = OmegaConf.merge(cfg, {"backbone": {"pretrained": False}, "head": {"pretrained": False}})
     num_classes = 10
-    if clip.is_clip(cfg.backbone.name):
+    if clip.is_clip(cfg.backbone.name) and path not in FULL_SCALE:
+        # a mini-scale CLIP config: thawlab's embedded CLIP, pretrained on the source task, its zero-shot head from
+        # the digits' names (built for real at random init: the embedded CLIP is small)
+        assert cfg.backbone.name == "open_clip:thawlab-mini-clip" and cfg.backbone.pretrained == "source"
+        assert cfg.head._target_.endswith("ZeroShotHead") and len(cfg.data.classnames) == 10
+        num_classes = 10
+        offline = OmegaConf.merge(offline, {"cache_dir": str(tmp_path / "cache")})
+    elif clip.is_clip(cfg.backbone.name):
         # a CLIP config: its model and tag are real OpenCLIP ones (checked without downloading), then a tiny
         # stand-in of the same tower kind is built, with the config's class names and its first two templates
         # (ViT-B/16's text tower on 1,000 x 80 prompts would take minutes on a CPU)
@@ -131,3 +138,28 @@ def test_a_full_scale_config_runs_end_to_end_on_a_small_copy(run, tmp_path):
     assert r["status"] == "done" and r["config"]["backbone"]["name"] == "resnet50.tv_in1k"
     assert {"test/ood/stl10/acc", "test/ood/cifar10_1/acc"} <= set(r["metrics"])
     assert [p["phase"] for p in r["trace"]] == ["lp", "ft", "ft"]  # debug=smoke: 3 epochs
+
+
+ROBUST_FT = EXPERIMENTS / "robust_ft"
+METHODS = {  # method -> (schedule, probe solver, projection, L2-SP alpha)
+    "probe": ("frozen", "lbfgs", None, 0.0), "ft": ("full", "adamw", None, 0.0), "l2sp": ("full", "adamw", None, 0.1),
+    "lp_ft": ("lp_ft", "lbfgs", None, 0.0), "wise_ft": ("wise_ft", "adamw", None, 0.0),
+    "flyp": ("flyp", "adamw", None, 0.0), "ftp": ("full", "adamw", "ftp", 0.0), "spd": ("full", "adamw", "spd", 0.0),
+    "tpgm": ("full", "adamw", "tpgm", 0.0)}
+
+
+def test_robust_ft_is_one_multirun_over_every_method():
+    """experiments/robust_ft: the method is a config group of the folder; each composes with the experiment into
+    the schedule and regularization it names, and the README's sweep runs every one."""
+    assert sorted(p.stem for p in (ROBUST_FT / "method").glob("*.yaml")) == sorted(METHODS)
+    for method, (schedule, solver, projection, alpha) in METHODS.items():
+        cfg = compose_experiment(ROBUST_FT / "experiment" / "robust_ft_mini.yaml", f"+method={method}")
+        check_config(cfg)
+        got = (cfg.schedule.name, cfg.schedule.get("solver"), cfg.regularization.get("projection"),
+               cfg.regularization.l2sp_alpha)
+        assert got == (schedule, solver, projection, alpha), method
+        assert cfg.backbone.name == "open_clip:thawlab-mini-clip" and cfg.head._target_.endswith("ZeroShotHead")
+    readme = (ROBUST_FT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith(("thawlab-train", " "))]  # code lines
+    swept = {m for line in commands if "+method=" in line for m in line.split("+method=")[1].split()[0].split(",")}
+    assert swept == set(METHODS), swept
