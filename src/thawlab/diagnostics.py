@@ -60,13 +60,17 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def relative_change(f: torch.Tensor, f0: torch.Tensor) -> float:
-    """Mean over samples of ||f(x) - f_0(x)|| / ||f_0(x)|| (samples whose f_0 is 0 left out)."""
-    f, f0 = f.reshape(len(f), -1).double(), f0.reshape(len(f0), -1).double()
-    base = f0.norm(dim=1)
+    """Mean over samples of ||f(x) - f_0(x)|| / ||f_0(x)|| (samples whose f_0 is 0 left out). The norms in the
+    features' precision (float32 from a network: a diagnostic, as linear_cka's products), the ratios
+    and their mean in float64."""
+    f, f0 = f.reshape(len(f), -1), f0.reshape(len(f0), -1)
+    if f.dtype != f0.dtype:
+        f, f0 = f.double(), f0.double()
+    base = f0.norm(dim=1).double()
     keep = base > 0
     if not keep.any():
         return math.nan
-    return float(((f - f0).norm(dim=1)[keep] / base[keep]).mean())
+    return float(((f - f0).norm(dim=1).double()[keep] / base[keep]).mean())
 
 
 def weight_change(net: nn.Module, reference: nn.Module, groups: dict[str, list[str]]) -> dict[str, float]:
