@@ -330,8 +330,8 @@ class DriftMonitor(L.Callback):
         keep = c["wanted"][name][index]
         if not keep.any():
             return
-        if any(g not in c["seen"] for g in (*self.modules, POOLED)):
-            c["whole"] = False  # the body did not run on this batch: measure with a pass of its own
+        if any(g not in c["seen"] or len(c["seen"][g]) != len(index) for g in (*self.modules, POOLED)):
+            c["whole"] = False  # the body did not run on this batch (or not batch-first): a pass of its own
             return
         rows = c["rows"].setdefault(name, {"index": [], **{g: [] for g in (*self.modules, POOLED)}})
         rows["index"].append(index[keep])
