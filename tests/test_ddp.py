@@ -102,7 +102,9 @@ def test_ddp_gradual_keeps_ranks_identical_and_counts_every_sample_once(tmp_path
     one, drift = _evaluate_in_one_process(OmegaConf.create(res["config"]), run_dir / res["selection"]["checkpoint"])
     for key, value in one.items():
         assert res["metrics"][key] == pytest.approx(value, abs=1e-6), key
-    # the drift diagnostics gather both ranks' shares of the sample: those of one process on the whole sample
+    # the drift diagnostics gather both ranks' shares of the sample (here read off each rank's test pass):
+    # those of one process on the whole sample, by a pass of the monitor's own
+    assert res["diagnostics"]["final_features"] == "the test pass"
     final = res["diagnostics"]["final"]
     for kind in ("cka", "feature_change"):
         for name, per_group in drift[kind].items():

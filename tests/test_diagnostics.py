@@ -137,24 +137,39 @@ def test_samples_are_fixed_by_the_seed():
 
 
 def test_run_records_drift_per_epoch_and_of_the_selected_checkpoint(run):
-    res = run("diagnostics.every=1", "diagnostics.samples=64", "diagnostics.sets=[id,ood/printed]")
+    # the whole test pass (smoke runs test one batch a set): the selected checkpoint's drift is read off it
+    res = run("diagnostics.every=1", "diagnostics.samples=64", "diagnostics.sets=[id,ood/printed]",
+              "trainer.limit_test_batches=1.0")
     d = res["diagnostics"]
     assert d["samples"] == {"id": 64, "ood/printed": 64} and d["groups"][-1] == "pooled"
     assert [h["epoch"] for h in d["history"]] == [0, 1, 2]
     assert d["final"]["epoch"] == res["selection"]["epoch"]
-    # the selected checkpoint's drift is that of the same epoch measured during fit
+    # the selected checkpoint's features come from its test pass (64 of each set's 360 images, every batch
+    # holding some), and its drift equals that of the same epoch measured during fit by a pass of the
+    # monitor's own, 64 images a batch
+    assert d["final_features"] == "the test pass"
     same = d["history"][d["final"]["epoch"]]
     for name in same["cka"]:
         assert d["final"]["cka"][name] == pytest.approx(same["cka"][name], abs=1e-9)
     assert d["final"]["weight_change"] == pytest.approx(same["weight_change"], abs=1e-12)
     assert set(d["final"]["distortion"]) == {"ood/printed", "ood/mean"}
     assert all(0 < v < 1 + 1e-9 for v in d["final"]["cka"]["id"].values())
-    frozen = run("schedule=frozen", "diagnostics.samples=32")  # a linear probe: the body does not move
+    frozen = run("schedule=frozen", "diagnostics.samples=32", "trainer.limit_test_batches=1.0")  # a linear probe: the body does not move
     f = frozen["diagnostics"]["final"]
     assert all(v == 0.0 for g, v in f["weight_change"].items() if g != "head")
     assert all(v == pytest.approx(1.0) for v in f["cka"]["id"].values())
     assert set(f["distortion"].values()) == {None}  # no ID feature change: the ratio is undefined
     assert len(f["cka"]) == 7 and "history" in frozen["diagnostics"] and not frozen["diagnostics"]["history"]
+    assert frozen["diagnostics"]["final_features"] == "the test pass"
+    # the L-BFGS probe's test features come from the feature store, the body never runs in the test pass: the
+    # monitor makes its own pass, with the same answer
+    solved = run("schedule=frozen", "schedule.solver=lbfgs", "diagnostics.samples=32")
+    assert solved["diagnostics"]["final_features"] == "a pass of their own"
+    s = solved["diagnostics"]["final"]
+    assert all(v == pytest.approx(1.0) for v in s["cka"]["id"].values())
+    assert all(v == 0.0 for g, v in s["weight_change"].items() if g != "head")
+    # a test pass cut to one batch a set misses sampled images: a pass of its own
+    assert run("diagnostics.samples=32")["diagnostics"]["final_features"] == "a pass of their own"
     assert "diagnostics" not in run("diagnostics=none")
 
 

@@ -60,13 +60,17 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def relative_change(f: torch.Tensor, f0: torch.Tensor) -> float:
-    """Mean over samples of ||f(x) - f_0(x)|| / ||f_0(x)|| (samples whose f_0 is 0 left out)."""
-    f, f0 = f.reshape(len(f), -1).double(), f0.reshape(len(f0), -1).double()
-    base = f0.norm(dim=1)
+    """Mean over samples of ||f(x) - f_0(x)|| / ||f_0(x)|| (samples whose f_0 is 0 left out). The norms in the
+    features' precision (float32 from a network: a diagnostic, as linear_cka's products), the ratios
+    and their mean in float64."""
+    f, f0 = f.reshape(len(f), -1), f0.reshape(len(f0), -1)
+    if f.dtype != f0.dtype:
+        f, f0 = f.double(), f0.double()
+    base = f0.norm(dim=1).double()
     keep = base > 0
     if not keep.any():
         return math.nan
-    return float(((f - f0).norm(dim=1)[keep] / base[keep]).mean())
+    return float(((f - f0).norm(dim=1).double()[keep] / base[keep]).mean())
 
 
 def weight_change(net: nn.Module, reference: nn.Module, groups: dict[str, list[str]]) -> dict[str, float]:
@@ -169,25 +173,28 @@ def _features(backbone_owner, modules: "OrderedDict[str, str]", loader, device, 
     return out
 
 
-def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    """Every rank's rows (rank r holds samples r, r + world, ...), back in sample order."""
-    if world == 1:
-        return t
-    import torch.distributed as dist
+def _gather(t: torch.Tensor, index: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows (`index`: each row's sample index in its set), in sample-index order: the same
+    matrix whichever rank measured which sample, and whether they came from the test pass or from a pass of
+    the monitor's own."""
+    if world > 1:
+        import torch.distributed as dist
 
-    n = torch.tensor([len(t)], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    most = int(max(s.item() for s in sizes))
-    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    total = int(sum(s.item() for s in sizes))
-    full = torch.empty((total, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    for r, (part, s) in enumerate(zip(parts, sizes)):
-        full[r::world] = part[: int(s.item())]
-    return full
+        index = index.to(t.device)
+        n = torch.tensor([len(t)], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        most = int(max(s.item() for s in sizes))
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: len(t)] = t
+        where = torch.full((most,), -1, dtype=torch.long, device=t.device)
+        where[: len(index)] = index
+        parts, places = [torch.empty_like(padded) for _ in range(world)], [torch.empty_like(where) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(places, where)
+        t = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        index = torch.cat([p[: int(s.item())] for p, s in zip(places, sizes)])
+    return t[torch.argsort(index.to(t.device))]
 
 
 def check_sets(wanted, available: list[str]) -> list[str]:
@@ -222,6 +229,8 @@ class DriftMonitor(L.Callback):
         self._measured_epoch: int | None = None
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._cached_bytes = 0
+        self._capture: dict | None = None  # capture_next_test
+        self.final_features: str | None = None  # where the last measurement's features of the network came from
 
     # ---- what is measured --------------------------------------------------------------------------------
     def _loader(self, name: str, rank: int, world: int):
@@ -229,21 +238,31 @@ class DriftMonitor(L.Callback):
         return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx[rank::world].tolist()),
                                            batch_size=self.batch_size, shuffle=False, num_workers=0)
 
-    def measure(self, net, rank: int = 0, world: int = 1, epoch: int | None = None) -> dict:
-        """The drift of `net` from theta_0 on every set (all ranks must call it together under DDP)."""
+    def measure(self, net, rank: int = 0, world: int = 1, epoch: int | None = None, from_test: bool = False
+                ) -> dict:
+        """The drift of `net` from theta_0 on every set (all ranks must call it together under DDP). from_test:
+        `net`'s features are those the test pass just captured (`capture_next_test`) where that capture is whole;
+        measured by a pass of the monitor's own otherwise."""
         device = next(net.parameters()).device
         self.reference.to(device)
+        captured = self._take_capture(rank, world) if from_test else None
+        self.final_features = "the test pass" if captured is not None else "a pass of their own"
         was_training = net.training
         net.eval()
         cka: dict[str, dict] = {}
         change: dict[str, dict] = {}
         try:
             for name in self.subsets:
-                now = _features(net, self.modules, self._loader(name, rank, world), device, self.channels_last)
+                if captured is not None:
+                    now, now_index = captured[name]
+                else:
+                    now = _features(net, self.modules, self._loader(name, rank, world), device, self.channels_last)
+                    now_index = self._share(name, rank, world)
                 before = self._reference_features(name, rank, world, device)
                 cka[name], change[name] = {}, {}
                 for g in now:
-                    f, f0 = _gather(now[g], world), _gather(before[g], world)
+                    f = _gather(now[g], now_index, world)
+                    f0 = _gather(before[g], self._share(name, rank, world), world)
                     cka[name][g], change[name][g] = linear_cka(f, f0), relative_change(f, f0)
                 del now
         finally:
@@ -251,6 +270,10 @@ class DriftMonitor(L.Callback):
         return {"epoch": epoch, "cka": cka, "feature_change": change,
                 "weight_change": weight_change(net, self.reference, self.groups),
                 "distortion": distortion(change)}
+
+    def _share(self, name: str, rank: int, world: int) -> torch.Tensor:
+        """The sample indices this rank's own loader reads (`_loader`), in its order."""
+        return self.subsets[name][1][rank::world]
 
     def _reference_features(self, name: str, rank: int, world: int, device) -> dict[str, torch.Tensor]:
         """theta_0's features on a set: they never change, so they are kept after the first measurement when
@@ -264,8 +287,85 @@ class DriftMonitor(L.Callback):
             self._cache[key], self._cached_bytes = out, self._cached_bytes + size
         return out
 
+    # ---- the selected checkpoint's features from the run's own test pass -----------------------------------
+    # The test pass of the selected checkpoint already sends every sampled image through the network: hooks on
+    # the group outputs keep the sampled rows, so the final measurement runs only theta_0's pass (half the
+    # forward passes). Only where the test pass computes what a pass of the monitor's own would: eager modules
+    # (a compiled network's hooks are traced away), full precision (no autocast), and every group run on every
+    # batch (a frozen backbone's test features from the probe's store skip the body). Otherwise, or if any
+    # sampled image is missing, the measurement makes its own pass as before.
+    def capture_next_test(self, net, sets: list[str], precision: str) -> None:
+        """Arms the capture for the next trainer.test (`sets`: its dataloaders' set names, in order)."""
+        eager = getattr(net, "_compiled_call_impl", None) is None
+        self._capture = None
+        if eager and str(precision) in ("32-true", "32", "64-true", "64"):
+            self._capture = {"net": net, "sets": list(sets), "seen": {}, "rows": {}, "handles": [], "whole": True}
+
+    def on_test_start(self, trainer, module):
+        c = self._capture
+        if c is None or c["handles"]:
+            return
+        named = dict(c["net"].named_modules())
+        seen = c["seen"]
+        c["handles"] = [named[m].register_forward_hook(lambda _m, _i, o, g=g: seen.__setitem__(g, _first_tensor(o)))
+                        for g, m in self.modules.items()]
+        c["handles"].append(c["net"].backbone.register_forward_hook(
+            lambda _m, _i, o: seen.__setitem__(POOLED, o)))
+        c["wanted"] = {}
+        for name, (ds, idx) in self.subsets.items():
+            mask = torch.zeros(len(ds), dtype=torch.bool)
+            mask[idx] = True
+            c["wanted"][name] = mask
+
+    def on_test_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if self._capture is not None:
+            self._capture["seen"].clear()
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        c = self._capture
+        if c is None or not c["whole"] or dataloader_idx >= len(c["sets"]) or c["sets"][dataloader_idx] not in c["wanted"]:
+            return
+        name = c["sets"][dataloader_idx]
+        index = batch[2].cpu()
+        keep = c["wanted"][name][index]
+        if not keep.any():
+            return
+        if any(g not in c["seen"] or len(c["seen"][g]) != len(index) for g in (*self.modules, POOLED)):
+            c["whole"] = False  # the body did not run on this batch (or not batch-first): a pass of its own
+            return
+        rows = c["rows"].setdefault(name, {"index": [], **{g: [] for g in (*self.modules, POOLED)}})
+        rows["index"].append(index[keep])
+        where = keep.to(c["seen"][POOLED].device)
+        for g in (*self.modules, POOLED):
+            rows[g].append(c["seen"][g][where].float().contiguous())
+
+    def on_test_end(self, trainer, module):
+        if self._capture is not None:
+            for h in self._capture["handles"]:
+                h.remove()
+            self._capture["handles"], self._capture["seen"] = [], {}
+
+    def _take_capture(self, rank: int, world: int) -> dict | None:
+        """{set: ({group: features}, sample indices)} of the armed test pass if it holds every sampled image of
+        this rank's share (Shard: samples rank, rank + world, ...), else None; disarms."""
+        c, self._capture = self._capture, None
+        if c is None or not c["whole"]:
+            return None
+        out = {}
+        for name, (_, idx) in self.subsets.items():
+            rows = c["rows"].get(name)
+            if rows is None:
+                return None
+            mine = idx[idx % world == rank]
+            index = torch.cat(rows["index"])
+            if len(index) != len(mine) or not torch.equal(index.sort().values, mine):
+                return None
+            out[name] = ({g: torch.cat(rows[g]) for g in (*self.modules, POOLED)}, index)
+        return out
+
     def settings(self) -> dict:
         return {"every": self.every, "samples": {n: len(idx) for n, (_, idx) in self.subsets.items()},
+                "final_features": self.final_features,
                 "groups": [*self.modules, POOLED], "outputs": dict(self.modules)}
 
     # ---- during fit ----------------------------------------------------------------------------------------

@@ -354,6 +354,9 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
         finally:
             module.metric_prefix.pop("test", None)
         tested[c.name] = dict(module.computed["test"])
+    monitor = drift_monitor(trainer)
+    if monitor is not None:  # the drift of the selected checkpoint reads its features off this test pass
+        monitor.capture_next_test(module.net, module.eval_sets["test"], trainer.precision)
     trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     metrics, extra, wise = dict(module.computed["test"]), {}, None  # the selected checkpoint is loaded
     drift = drift_report(trainer, module, chosen)  # every rank takes part (gathered samples)
@@ -387,17 +390,24 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
     return {**metrics, **extra}, selection, wise, drift, selections
 
 
+def drift_monitor(trainer):
+    """The run's DriftMonitor callback (None with diagnostics=none)."""
+    from thawlab.diagnostics import DriftMonitor
+
+    return next((c for c in trainer.callbacks if isinstance(c, DriftMonitor)), None)
+
+
 def drift_report(trainer, module, chosen: dict) -> dict:
     """results.json `diagnostics` (thawlab/diagnostics.py): settings, the drift of the selected checkpoint
     (`final`, also logged to W&B as diag/final/...) and of the epochs measured during fit (`history`); {} when
     diagnostics=none."""
-    from thawlab.build import console
-    from thawlab.diagnostics import DriftMonitor, flatten
+    from thawlab.diagnostics import flatten
 
-    monitor = next((c for c in trainer.callbacks if isinstance(c, DriftMonitor)), None)
+    monitor = drift_monitor(trainer)
     if monitor is None:
         return {}
-    final = monitor.measure(module.net, trainer.global_rank, trainer.world_size, epoch=chosen.get("epoch"))
+    final = monitor.measure(module.net, trainer.global_rank, trainer.world_size, epoch=chosen.get("epoch"),
+                            from_test=True)
     if trainer.global_rank != 0:
         return {}
     if trainer.logger:
