@@ -160,6 +160,8 @@ def test_robust_ft_is_one_multirun_over_every_method():
         assert got == (schedule, solver, projection, alpha), method
         assert cfg.backbone.name == "open_clip:thawlab-mini-clip" and cfg.head._target_.endswith("ZeroShotHead")
     readme = (ROBUST_FT / "README.md").read_text()
-    commands = [line for line in readme.splitlines() if line.startswith(("thawlab-train", " "))]  # code lines
-    swept = {m for line in commands if "+method=" in line for m in line.split("+method=")[1].split()[0].split(",")}
+    # the README's thawlab-train commands, continuation lines joined (the report command names methods too)
+    commands = [c for c in readme.replace("\\\n", " ").splitlines() if c.startswith("thawlab-train")]
+    swept = {m for c in commands for part in c.split()[1:] if part.startswith("+method=")
+             for m in part.removeprefix("+method=").split(",")}
     assert swept == set(METHODS), swept
