@@ -69,8 +69,10 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(run, monkeypatch, case)
 # ---- resuming by directory, mistaken resumes, interruptions (real thawlab-train processes) -------------------
 def _start(*args: str, cwd: Path, cache: str) -> subprocess.Popen:
     env = {**os.environ, "THAWLAB_CACHE": cache, "WANDB_SILENT": "true"}
+    # SIGINT as a terminal gives it, also when the tests themselves run in a background job or under nohup
+    # (which start every child with SIGINT ignored, and thawlab leaves an ignored or foreign handler alone)
     return subprocess.Popen([TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _kill_after_first_epoch(proc: subprocess.Popen, run_dir_glob: str, cwd: Path, sig: int) -> tuple[str, Path]:
@@ -204,6 +206,7 @@ def test_a_signal_handled_by_someone_else_stays_theirs():
         pass
 
     previous = signal.signal(signal.SIGTERM, bypass)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts in a terminal
     try:
         with interruptible():
             assert signal.getsignal(signal.SIGTERM) is bypass
@@ -211,3 +214,4 @@ def test_a_signal_handled_by_someone_else_stays_theirs():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
