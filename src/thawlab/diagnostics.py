@@ -189,7 +189,8 @@ def _gather(t: torch.Tensor, index: torch.Tensor, world: int) -> torch.Tensor:
         padded[: len(t)] = t
         where = torch.full((most,), -1, dtype=torch.long, device=t.device)
         where[: len(index)] = index
-        parts, places = [torch.empty_like(padded) for _ in range(world)], [torch.empty_like(where) for _ in range(world)]
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        places = [torch.empty_like(where) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
         dist.all_gather(places, where)
         t = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
@@ -325,7 +326,8 @@ class DriftMonitor(L.Callback):
 
     def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
         c = self._capture
-        if c is None or not c["whole"] or dataloader_idx >= len(c["sets"]) or c["sets"][dataloader_idx] not in c["wanted"]:
+        if (c is None or not c["whole"] or dataloader_idx >= len(c["sets"])
+                or c["sets"][dataloader_idx] not in c["wanted"]):
             return
         name = c["sets"][dataloader_idx]
         index = batch[2].cpu()
