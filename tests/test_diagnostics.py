@@ -154,7 +154,8 @@ def test_run_records_drift_per_epoch_and_of_the_selected_checkpoint(run):
     assert d["final"]["weight_change"] == pytest.approx(same["weight_change"], abs=1e-12)
     assert set(d["final"]["distortion"]) == {"ood/printed", "ood/mean"}
     assert all(0 < v < 1 + 1e-9 for v in d["final"]["cka"]["id"].values())
-    frozen = run("schedule=frozen", "diagnostics.samples=32", "trainer.limit_test_batches=1.0")  # a linear probe: the body does not move
+    # a linear probe: the body does not move
+    frozen = run("schedule=frozen", "diagnostics.samples=32", "trainer.limit_test_batches=1.0")
     f = frozen["diagnostics"]["final"]
     assert all(v == 0.0 for g, v in f["weight_change"].items() if g != "head")
     assert all(v == pytest.approx(1.0) for v in f["cka"]["id"].values())

@@ -334,13 +334,14 @@ class DriftMonitor(L.Callback):
         keep = c["wanted"][name][index]
         if not keep.any():
             return
-        if any(g not in c["seen"] or len(c["seen"][g]) != len(index) for g in (*self.modules, POOLED)):
+        outputs = (*self.modules, POOLED)
+        if any(g not in c["seen"] or len(c["seen"][g]) != len(index) for g in outputs):
             c["whole"] = False  # the body did not run on this batch (or not batch-first): a pass of its own
             return
-        rows = c["rows"].setdefault(name, {"index": [], **{g: [] for g in (*self.modules, POOLED)}})
+        rows = c["rows"].setdefault(name, {"index": [], **{g: [] for g in outputs}})
         rows["index"].append(index[keep])
         where = keep.to(c["seen"][POOLED].device)
-        for g in (*self.modules, POOLED):
+        for g in outputs:
             rows[g].append(c["seen"][g][where].float().contiguous())
 
     def on_test_end(self, trainer, module):
@@ -364,7 +365,7 @@ class DriftMonitor(L.Callback):
             index = torch.cat(rows["index"])
             if len(index) != len(mine) or not torch.equal(index.sort().values, mine):
                 return None
-            out[name] = ({g: torch.cat(rows[g]) for g in (*self.modules, POOLED)}, index)
+            out[name] = ({g: torch.cat(v) for g, v in rows.items() if g != "index"}, index)
         return out
 
     def settings(self) -> dict:
