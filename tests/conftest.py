@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+import forked_cli
 from thawlab import config
+from thawlab.clip import CONFIGS_ENV as CLIP_CONFIGS_ENV
 from thawlab.results import read_results
 from thawlab.train import conf_dir, train
 
@@ -39,9 +41,11 @@ def pytest_configure(config) -> None:
 # Test files that take minutes (seconds of CPU on 2 cores, fresh clone), run first: pytest-xdist hands files to the
 # workers in collection order (`make test` turns off its reordering by test count, which put these one-test files
 # last), so the longest start first and the short ones fill the gaps, instead of one worker running the surgical
-# findings alone for the last three minutes.
-SLOW_FIRST = ("test_findings_surgical.py", "test_findings_lp_ft.py", "test_findings_wise_ft.py", "test_report.py",
-              "test_report_zeroshot.py", "test_ddp.py", "test_clip.py", "test_resume.py", "test_sweep.py",
+# findings alone for the last three minutes. Each worker starts with two files (the 1st and 3rd, the 2nd and 4th):
+# the second is not a findings file, since the findings share one pretraining that the first computes while
+# another findings file would wait for its lock.
+SLOW_FIRST = ("test_findings_surgical.py", "test_ddp.py", "test_findings_lp_ft.py", "test_clip.py",
+              "test_findings_wise_ft.py", "test_report.py", "test_report_zeroshot.py", "test_resume.py", "test_sweep.py",
               "test_notebook.py", "test_clip_pretrain.py", "test_selection.py", "test_wandb.py",
               "test_selection_rules.py", "test_projection.py", "test_probe.py")
 
@@ -138,12 +142,21 @@ class KillAfter(L.Callback):
             raise Killed(f"killed after epoch {self.epoch}")
 
 
-def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | None = None):
-    """thawlab-train as a user runs it: a subprocess, with its exit code and its streams. env: variables to
-    set, or to remove (None)."""
+# variables thawlab and its libraries read while running, not when starting or importing: a process forked from
+# an interpreter that has imported them sees them as a new interpreter would
+RUN_TIME_ENV = {"THAWLAB_CACHE", "THAWLAB_DATA", CLIP_CONFIGS_ENV, "WANDB_SILENT", "WANDB_MODE", "OMP_NUM_THREADS"}
+
+
+def cli(*args: str, cwd: Path, cache: str, timeout: float = 300, env: dict | None = None, fresh: bool = False):
+    """thawlab-train as a user runs it: a process of its own, with its exit code and its streams. env: variables
+    to set, or to remove (None). The process is forked from one that imported thawlab already (tests/forked_cli.py:
+    the same entry point, without seconds of imports per call); fresh=True, or a variable outside RUN_TIME_ENV: a
+    new interpreter running the console script."""
     e = {**os.environ, "THAWLAB_CACHE": cache, "WANDB_SILENT": "true", **(env or {})}
     e = {k: v for k, v in e.items() if v is not None}
-    return subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+    if fresh or not set(env or ()) <= RUN_TIME_ENV:
+        return subprocess.run([TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+    return forked_cli.run([TRAIN, *args], cwd=cwd, env=e, timeout=timeout)
 
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

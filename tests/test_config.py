@@ -49,7 +49,8 @@ def test_schema_rejects_wrong_types_when_composing():
 
 
 def test_cli_cfg_job_and_help(tmp_path, cache_dir):
-    r = cli("--cfg", "job", "schedule=lp_ft", "backbone.name=resnet18", cwd=tmp_path, cache=cache_dir)
+    # the console script in a new interpreter, as installed (the other CLI tests fork one that has imported thawlab)
+    r = cli("--cfg", "job", "schedule=lp_ft", "backbone.name=resnet18", cwd=tmp_path, cache=cache_dir, fresh=True)
     assert r.returncode == 0, r.stderr
     cfg = OmegaConf.create(r.stdout)
     assert cfg.schedule.name == "lp_ft" and cfg.backbone.name == "resnet18"

@@ -137,9 +137,10 @@ def test_samples_are_fixed_by_the_seed():
 
 
 def test_run_records_drift_per_epoch_and_of_the_selected_checkpoint(run):
-    # the whole test pass (smoke runs test one batch a set): the selected checkpoint's drift is read off it
+    # the whole test pass (smoke runs test one batch a set) in batches of 256: the selected checkpoint's drift is
+    # read off it
     res = run("diagnostics.every=1", "diagnostics.samples=64", "diagnostics.sets=[id,ood/printed]",
-              "trainer.limit_test_batches=1.0")
+              "trainer.limit_test_batches=1.0", "data.eval_batch_size=256")
     d = res["diagnostics"]
     assert d["samples"] == {"id": 64, "ood/printed": 64} and d["groups"][-1] == "pooled"
     assert [h["epoch"] for h in d["history"]] == [0, 1, 2]
@@ -155,7 +156,8 @@ def test_run_records_drift_per_epoch_and_of_the_selected_checkpoint(run):
     assert set(d["final"]["distortion"]) == {"ood/printed", "ood/mean"}
     assert all(0 < v < 1 + 1e-9 for v in d["final"]["cka"]["id"].values())
     # a linear probe: the body does not move
-    frozen = run("schedule=frozen", "diagnostics.samples=32", "trainer.limit_test_batches=1.0")
+    frozen = run("schedule=frozen", "diagnostics.samples=32", "trainer.limit_test_batches=1.0",
+                 "data.eval_batch_size=256")
     f = frozen["diagnostics"]["final"]
     assert all(v == 0.0 for g, v in f["weight_change"].items() if g != "head")
     assert all(v == pytest.approx(1.0) for v in f["cka"]["id"].values())

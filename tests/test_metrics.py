@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 from torch.utils.data import DataLoader, TensorDataset
 
-from thawlab.metrics import ECE, NLL, eval_metrics, evaluate, restrict
+from thawlab.metrics import ECE, NLL, eval_metrics, evaluate, limited, restrict
 
 
 def test_restricted_logits_predict_only_the_sets_classes():
@@ -166,3 +166,18 @@ def test_evaluate_passes_logits_to_the_metrics():
     out = evaluate(net, {"id": loader}, 2, "test")
     assert out["test/id/nll"] == pytest.approx(100.0, rel=1e-6)
     assert out["test/id/ece"] == pytest.approx(1.0) and out["test/id/acc"] == 0.0
+
+
+def test_evaluate_reads_the_batches_limit_test_batches_lets_the_test_pass_read():
+    """As Lightning reads trainer.limit_test_batches: an int is a number of batches, a float a fraction of them
+    (rounded down), null all; each set is cut alike."""
+    assert [limited(5, lim) for lim in (None, 1, 2, 9, 1.0, 0.5, 0.2)] == [5, 1, 2, 5, 5, 2, 1]
+    x, y = torch.eye(10, 4), torch.arange(10) % 4  # 10 samples, 5 batches of 2
+    net = torch.nn.Linear(4, 4)
+    loaders = {"id": DataLoader(TensorDataset(x, y), batch_size=2), "ood/a": DataLoader(TensorDataset(x, y), 2)}
+    seen = []
+    net.register_forward_hook(lambda m, inp, out: seen.append(len(inp[0])))
+    for limit, batches in ((None, 5), (2, 2), (0.5, 2)):
+        seen.clear()
+        evaluate(net, loaders, 4, "test", limit=limit)
+        assert seen == [2] * batches * 2, (limit, seen)

@@ -124,8 +124,10 @@ def test_solver_needs_a_probe_phase_and_fixed_inputs(run):
 def test_frozen_lbfgs_run_and_shared_features(run):
     """A real frozen run: the solved head is the selected checkpoint (its val acc is the probe's choice), one
     epoch; a second job on the same backbone and data reads the features from the store, and a job without the
-    module's cache (every test batch through the network) reports the same test metrics as the cached test."""
-    a = run("schedule=frozen", "schedule.solver=lbfgs", "schedule.probe_grid='logspace(-3, 1, 5)'")
+    module's cache (every test batch through the network) reports the same test metrics as the cached test.
+    Validation on the whole set (trainer.limit_val_batches=null), as the solver's."""
+    a = run("schedule=frozen", "schedule.solver=lbfgs", "schedule.probe_grid='logspace(-3, 1, 5)'",
+            "trainer.limit_val_batches=null")
     p = a["probe"]
     assert len(p["grid"]) == len(p["val_acc"]) == 5 and p["chosen"]["val_acc"] == max(p["val_acc"])
     assert a["selection"]["value"] == pytest.approx(p["chosen"]["val_acc"], abs=1e-6)
@@ -149,9 +151,10 @@ def test_lp_ft_lbfgs_run(run):
 
 def test_zeroshot_head_probed_from_scratch(run):
     """head=zeroshot (CLIP): the probe fits the head's fc on its input, the normalised features; the module's
-    validation of the solved head (through the head's own forward) gives the accuracy the probe chose it by."""
+    validation of the solved head (through the head's own forward, on the whole set) gives the accuracy the probe
+    chose it by."""
     r = run("backbone.name=open_clip:thawlab-mini-clip", "head=zeroshot", "schedule=frozen", "schedule.solver=lbfgs",
-            "schedule.probe_grid=[0.1,10.0]", "diagnostics=none")
+            "schedule.probe_grid=[0.1,10.0]", "diagnostics=none", "trainer.limit_val_batches=null")
     assert r["selection"]["value"] == pytest.approx(r["probe"]["chosen"]["val_acc"], abs=1e-6)
     assert "test/zeroshot/id/acc" in r["metrics"]
 

@@ -14,9 +14,10 @@ from thawlab.schedules import build_phases
 from thawlab.results import read_results
 
 # deterministic: the probe (head lr 0.03) reaches 0.19 ID validation accuracy at epoch 1; fine-tuning at lr 1.0
-# wrecks the network (0.10 at epochs 2 and 3), so the probe validates best
+# wrecks the network (0.10 at epochs 2 and 3), so the probe validates best; on the whole ID validation set (one
+# batch of 256), not the smoke run's 32 images of two classes
 PROBE_BEST = ["schedule.lp_epochs=2", "trainer.max_epochs=4", "trainer.limit_train_batches=null", "optimizer.lr=1.0",
-              "schedule.probe_lr_mult=0.03"]
+              "schedule.probe_lr_mult=0.03", "data.eval_batch_size=256"]
 FULL_TEST = "trainer.limit_test_batches=null"
 
 

@@ -27,7 +27,9 @@ def sweep(tmp_path_factory, cache_dir) -> Path:
     """Three finished runs in one sweep directory, as `thawlab-train -m seed=0,1,2` leaves them."""
     root = tmp_path_factory.mktemp("soup-sweep")
     for seed in range(3):
-        overrides = [*BASE, f"cache_dir={cache_dir}", "optimizer.lr=0.01", f"seed={seed}"]
+        # validated on the whole set, as the soups are (smoke runs validate one batch)
+        overrides = [*BASE, f"cache_dir={cache_dir}", "optimizer.lr=0.01", f"seed={seed}",
+                     "trainer.limit_val_batches=null"]
         train(compose_cfg(overrides, root / f"seed={seed}"))
     return root
 

@@ -54,6 +54,31 @@ def test_wise_ft_endpoints_are_the_probe_and_the_fine_tuned_model(run):
     assert torch.allclose(half[k], (theta0[k] + theta_ft[k]) / 2) and not torch.equal(half[k], theta_ft[k])
 
 
+def test_the_curve_reads_the_test_batches_the_test_pass_reads(run):
+    """trainer.limit_test_batches (a smoke run: one batch a set) cuts the WiSE-FT curve as it cuts the test pass:
+    alpha = 1, the selected checkpoint, gives the run's own test metrics."""
+    r = run("schedule=wise_ft", "schedule.lp_epochs=2", "trainer.max_epochs=4", "schedule.alphas=[0,1]",
+            "diagnostics=none")
+    for key in ("id/acc", "id/nll", "ood/printed/acc", "ood/corrupt_s5/ece", "ood/mean/acc"):
+        assert r["metrics"][f"test/wise/1/{key}"] == pytest.approx(r["metrics"][f"test/{key}"], abs=1e-6), key
+
+
+def test_measuring_fewer_sets_and_alphas_leaves_every_measured_value_as_it_is(run):
+    """What the findings tests rely on (tests/test_findings_*.py measure only the sets and alphas they assert on):
+    a run that evaluates fewer OOD sets and WiSE-FT alphas trains the same weights, selects the same epoch and
+    gives every value it measures bitwise as the whole run does."""
+    args = ("schedule=wise_ft", "schedule.lp_epochs=2", "trainer.max_epochs=4", FULL_TEST, "diagnostics=none")
+    whole = run(*args)
+    cut = run(*args, "data.ood=[printed]", "schedule.alphas=[0,0.5,1]")
+    assert cut["selection"] == whole["selection"]
+    measured = {k for k in cut["metrics"] if "/ood/mean/" not in k}  # the OOD mean: over the sets measured
+    assert "test/wise/0.5/ood/printed/acc" in measured and measured < set(whole["metrics"])
+    assert {k: cut["metrics"][k] for k in measured} == {k: whole["metrics"][k] for k in measured}
+    name = Path(whole["selection"]["checkpoint"]).name
+    a, b = _ckpt(whole, name)["state_dict"], _ckpt(cut, name)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_surgical_changes_only_the_chosen_group_and_keeps_bn_statistics(run):
     r = run("schedule=surgical", "schedule.groups=[1]", "trainer.max_epochs=2")
     chosen = r["trace"][0]["trainable_groups"][0]

@@ -15,6 +15,8 @@ samples have confidence 1.0, half of them wrong, and half 0.97, all right).
 """
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -122,19 +124,29 @@ def ood_mean(values: dict[str, float], prefix: str, sets: list[str]) -> dict[str
             for m in ("acc", "nll", "ece")}
 
 
+def limited(batches: int, limit: int | float | None) -> int:
+    """How many of a loader's batches an evaluation cut by `limit` reads, as Lightning reads trainer.limit_test_batches:
+    an int is a number of batches, a float a fraction of them, null all."""
+    if limit is None:
+        return batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loaders: dict[str, "torch.utils.data.DataLoader"], num_classes: int,
-             prefix: str, class_subsets: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+             prefix: str, class_subsets: dict[str, torch.Tensor] | None = None,
+             limit: int | float | None = None) -> dict[str, float]:
     """The network, in eval mode, on named sets outside a Trainer: `<prefix>/<set>/<metric>` and the OOD mean.
     For evaluations that must not touch the run's logged test metrics (WiSE-FT's alphas, forgetting).
-    class_subsets: {set name: the classes its logits are restricted to} (see restrict)."""
+    class_subsets: {set name: the classes its logits are restricted to} (see restrict). limit: the run's
+    trainer.limit_test_batches, which cuts these evaluations as it cuts the test pass (see limited)."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     values = {}
     for name, loader in loaders.items():
         collection = eval_metrics(num_classes, sync=False).to(device)
-        for x, y, *_ in loader:
+        for x, y, *_ in islice(loader, limited(len(loader), limit)):
             collection.update(restrict(net(x.to(device)), (class_subsets or {}).get(name)), y.to(device))
         values.update({f"{prefix}/{name}/{k}": float(v) for k, v in collection.compute().items() if k != "count"})
     values.update(ood_mean(values, prefix, list(loaders)))

@@ -269,7 +269,7 @@ def evaluate_zeroshot(cfg: DictConfig, net, dm) -> dict:
     net.to(device)
     try:
         return evaluate(net, dm.eval_dataloaders("test", distributed=False), dm.num_classes, "test/zeroshot",
-                        dm.class_subsets)
+                        dm.class_subsets, cfg.trainer.limit_test_batches)
     finally:
         net.to("cpu")
 
@@ -381,8 +381,8 @@ def evaluate_selected(cfg: DictConfig, trainer, module, dm, pretrained, run_dir:
                       f"trains the head only: the curve interpolates between two linear probes "
                       f"(schedule.select_phases)[/yellow]")
     if cfg.schedule.get("alphas"):
-        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test", distributed=False), dm.num_classes, list(cfg.schedule.alphas),
-                          dm.class_subsets)
+        wise = wise_curve(net, module.theta0, dm.eval_dataloaders("test", distributed=False), dm.num_classes,
+                          list(cfg.schedule.alphas), dm.class_subsets, cfg.trainer.limit_test_batches)
         extra.update({k: v for point in wise for k, v in point["metrics"].items()})
     if trainer.logger and extra:
         trainer.logger.log_metrics(extra, step=trainer.global_step)

@@ -20,15 +20,16 @@ def interpolate(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor]
 
 
 def wise_curve(net: nn.Module, theta0: dict[str, torch.Tensor], loaders: dict, num_classes: int,
-               alphas: list[float], class_subsets: dict | None = None) -> list[dict]:
-    """[{"alpha": a, "metrics": {"test/wise/<a>/id/acc": ..., ...}}, ...]; net keeps its own weights after."""
+               alphas: list[float], class_subsets: dict | None = None, limit: int | float | None = None) -> list[dict]:
+    """[{"alpha": a, "metrics": {"test/wise/<a>/id/acc": ..., ...}}, ...]; net keeps its own weights after.
+    limit: trainer.limit_test_batches (thawlab.metrics.limited)."""
     theta_ft = {k: v.detach().clone() for k, v in net.state_dict().items()}
     curve = []
     try:
         for alpha in alphas:
             net.load_state_dict(interpolate(theta0, theta_ft, alpha))
             curve.append({"alpha": alpha, "metrics": evaluate(net, loaders, num_classes, f"test/wise/{alpha:g}",
-                                                                   class_subsets)})
+                                                                   class_subsets, limit)})
     finally:
         net.load_state_dict(theta_ft)
     return curve
