@@ -45,8 +45,8 @@ def pytest_configure(config) -> None:
 # the second is not a findings file, since the findings share one pretraining that the first computes while
 # another findings file would wait for its lock.
 SLOW_FIRST = ("test_findings_surgical.py", "test_ddp.py", "test_findings_lp_ft.py", "test_clip.py",
-              "test_findings_wise_ft.py", "test_report.py", "test_report_zeroshot.py", "test_resume.py", "test_sweep.py",
-              "test_notebook.py", "test_clip_pretrain.py", "test_selection.py", "test_wandb.py",
+              "test_findings_wise_ft.py", "test_report.py", "test_report_zeroshot.py", "test_resume.py",
+              "test_sweep.py", "test_notebook.py", "test_clip_pretrain.py", "test_selection.py", "test_wandb.py",
               "test_selection_rules.py", "test_projection.py", "test_probe.py")
 
 

@@ -2,11 +2,11 @@
 Lightning once (multiprocessing's forkserver), for conftest.cli.
 
 The child has its own pid, exit status, stdout and stderr (files, as a pipe: not a terminal), environment and
-working directory, and runs what the console script runs, `thawlab.train.main()` with sys.argv, then what an ending
-interpreter runs (threading's exit hooks, the atexit handlers). What it skips is the five to eight seconds of CPU in which every new
-interpreter imports those libraries: `make test` starts thawlab-train about a hundred times. What it cannot show is
-an interpreter's start itself (environment read at import time, the console script): conftest.cli starts a new
-interpreter for those (`fresh=True`, or an `env` outside RUN_TIME_ENV).
+working directory, and runs what the console script runs, `thawlab.train.main()` with sys.argv, then what an
+ending interpreter runs (threading's exit hooks, the atexit handlers). What it skips is the five to eight seconds
+of CPU in which every new interpreter imports those libraries: `make test` starts thawlab-train about a hundred
+times. What it cannot show is an interpreter's start itself (environment read at import time, the console
+script): conftest.cli starts a new interpreter for those (`fresh=True`, or an `env` outside RUN_TIME_ENV).
 """
 from __future__ import annotations
 

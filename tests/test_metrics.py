@@ -171,7 +171,16 @@ def test_evaluate_passes_logits_to_the_metrics():
 def test_evaluate_reads_the_batches_limit_test_batches_lets_the_test_pass_read():
     """As Lightning reads trainer.limit_test_batches: an int is a number of batches, a float a fraction of them
     (rounded down), null all; each set is cut alike."""
-    assert [limited(5, lim) for lim in (None, 1, 2, 9, 1.0, 0.5, 0.2)] == [5, 1, 2, 5, 5, 2, 1]
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    limits = (None, 1, 2, 9, 1.0, 0.5, 0.2)
+    assert [limited(5, lim) for lim in limits] == [5, 1, 2, 5, 5, 2, 1]
+    # the reference: Lightning's own count of a test loader's batches (the Trainer turns null into 1.0; a fraction
+    # that leaves no batch is refused by Lightning's test pass, before these evaluations run)
+    cases = [(n, lim) for n in (5, 13, 40) for lim in limits]
+    assert [limited(n, lim) for n, lim in cases] == [
+        _parse_num_batches(RunningStage.TESTING, n, 1.0 if lim is None else lim) for n, lim in cases]
     x, y = torch.eye(10, 4), torch.arange(10) % 4  # 10 samples, 5 batches of 2
     net = torch.nn.Linear(4, 4)
     loaders = {"id": DataLoader(TensorDataset(x, y), batch_size=2), "ood/a": DataLoader(TensorDataset(x, y), 2)}

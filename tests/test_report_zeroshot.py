@@ -29,8 +29,8 @@ def sweep(tmp_path_factory, cache_dir, tiny_clip) -> Path:  # noqa: F811
     # one test batch a set, of 256 images (8 of the 10 classes), not smoke's 32 (2 classes: a zero-shot accuracy
     # of 0, which the ID vs OOD figure's logit axes clip)
     p = cli("-m", *BASE, "data.eval_batch_size=256", f"backbone.name=open_clip:{name}",
-            f"backbone.pretrained={tiny_clip[name]}", *PROMPTS, "head=zeroshot", f"schedule={','.join(SCHEDULES)}", f"seed={','.join(map(str, SEEDS))}",
-            f"hydra.sweep.dir={out}", cwd=out.parent, cache=cache_dir, timeout=300,
+            f"backbone.pretrained={tiny_clip[name]}", *PROMPTS, "head=zeroshot", f"schedule={','.join(SCHEDULES)}",
+            f"seed={','.join(map(str, SEEDS))}", f"hydra.sweep.dir={out}", cwd=out.parent, cache=cache_dir, timeout=300,
             env={"OMP_NUM_THREADS": "1", clip.CONFIGS_ENV: str(Path(tiny_clip[name]).parent)})
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(list(out.glob("*/results.json"))) == len(SEEDS) * len(SCHEDULES)
