@@ -13,7 +13,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import TensorDataset
 
 from conftest import add_callbacks, cli, compose_cfg
-from test_datasets import ENV, _one_line_error, make_cifar, make_folders
+from test_datasets import _one_line_error, make_cifar, make_folders
 from thawlab.build import build_datamodule, check_config
 from thawlab.data import augment as aug
 from thawlab.data.cifar import Cifar10
@@ -220,7 +220,7 @@ def test_mixup_needs_an_even_batch_and_presets_are_checked_on_every_data_set(tmp
 def test_cli_unknown_preset_is_one_line_before_pretraining(tmp_path):
     cache = tmp_path / "empty-cache"
     r = cli("debug=smoke", "logger=none", "data.augment=foo", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
-            cache=str(cache), env=ENV, timeout=120)
+            cache=str(cache), timeout=120)
     _one_line_error(r, "data.augment='foo' is not one of none, crop_flip, resized_crop, randaug, augmix")
     assert not (cache / "pretrain").exists(), "the error comes before the source pretraining"
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import thawlab
 from conftest import add_callbacks, cli
 from thawlab.data import cifar
 from thawlab.data.cifar import CLASSES, Cifar10, Cifar10C
@@ -21,8 +20,6 @@ from thawlab.data.folders import ImageFolders
 from thawlab.data.imagenet import ImageNet
 from thawlab.errors import ThawlabError
 
-# the CLI subprocesses import this checkout's thawlab, whatever is installed
-ENV = {"PYTHONPATH": str(Path(thawlab.__file__).resolve().parents[1])}
 # a fast, deterministic run: random init, 32x32 inputs, one epoch, everything evaluated
 FAST = ["backbone.pretrained=false", "data.img_size=32", "trainer.max_epochs=1", "logger=none",
         "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16"]
@@ -366,12 +363,12 @@ def _one_line_error(r, *needles):
 
 def test_cli_bad_root_and_mismatched_ood_folder_exit_2(fakes, tmp_path, cache_dir):
     r = cli("data=cifar10", f"data.root={tmp_path}/nowhere", *FAST, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path,
-            cache=cache_dir, env=ENV, timeout=120)
+            cache=cache_dir, timeout=120)
     _one_line_error(r, f"data.root={tmp_path}/nowhere: no such directory")
     assert json.loads((tmp_path / "a" / "results.json").read_text())["status"] == "failed"
     write_images(tmp_path / "odd", {"cat": 0, "wolf": 1}, 1)
     r = cli("data=imagefolder", f"data.root={fakes['folders'][0]}", f"data.ood={{odd:{tmp_path}/odd}}", *FAST,
-            f"hydra.run.dir={tmp_path}/b", cwd=tmp_path, cache=cache_dir, env=ENV, timeout=120)
+            f"hydra.run.dir={tmp_path}/b", cwd=tmp_path, cache=cache_dir, timeout=120)
     _one_line_error(r, f"data.ood.odd={tmp_path}/odd", "wolf")
 
 

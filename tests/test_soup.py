@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+import forked_cli
 from conftest import BASE, compose_cfg, pretrained_weights
 from thawlab import soup
 from thawlab.results import read_results
@@ -170,7 +172,10 @@ def test_the_soup_is_a_report_row(sweep, tmp_path):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thawlab.soup", *map(str, args)], capture_output=True, text=True)
+    """thawlab-soup as a user runs it: a process of its own (forked from one that imported thawlab, as
+    conftest.cli's thawlab-train), with its exit status and its streams."""
+    return forked_cli.run(["thawlab-soup", *map(str, args)], cwd=Path.cwd(), env=dict(os.environ), timeout=300,
+                          entry="thawlab.soup:main")
 
 
 def test_runs_from_another_backbone_are_one_line(sweep, tmp_path):
